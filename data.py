@@ -1,0 +1,213 @@
+"""Packed training blocks with per-token document ids, read from the shards that prepare.py writes.
+
+    from data import PackedLoader
+    loader = PackedLoader("data/smollm", split="train", block_size=4096, batch_size=8, rank=0, world_size=1)
+    x, y, doc_ids = loader.next_batch()          # int64 tensors [batch_size, block_size]
+    state = loader.state_dict()                  # plain ints, lists and strings: goes into the checkpoint
+    loader.load_state_dict(state)                # resumes with exactly the batches an uninterrupted loader gives
+
+Train documents: every subset's documents are visited in a seeded shuffled order (shard order shuffled, then
+documents within a shard), holding only one shard's permutation in memory. Before each document is drawn, the
+subset is picked at random with probability proportional to the documents it has left on this rank, so all
+subsets run out together. Rank r of w takes every w-th document of each shuffled shard: the ranks read disjoint
+documents with no communication and together cover every document once per epoch.
+
+Packing: drawn documents form one stream, cut into rows of block_size + 1 tokens; x = row[:-1], y = row[1:].
+No padding, no truncation: a document that doesn't fit continues at the start of the next row. doc_ids[b, t]
+numbers the segments of row b (0, 1, 2, ...): t may attend to s only if s <= t and doc_ids[b, s] == doc_ids[b, t].
+
+split="val" reads each subset's val shard in file order (subset=... picks one subset), cycling, so a fresh val
+loader always yields the same blocks.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TOKENIZER = "r50k_base"  # what prepare.py writes; token ids must mean the same thing to the model
+
+
+class DataError(SystemExit):
+    """Bad or missing data: the message says what is wrong and what to do; exits non-zero when uncaught."""
+
+
+def read_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise DataError(f"no prepared data in {data_dir} ({path} is missing); "
+                        f"run: python prepare.py --out {data_dir}")
+    meta = json.loads(path.read_text())
+    if meta.get("tokenizer") != TOKENIZER or meta.get("dtype") != "uint16":
+        raise DataError(f"{path} was written with tokenizer {meta.get('tokenizer')!r} and dtype {meta.get('dtype')!r}; "
+                        f"smoltrain reads {TOKENIZER!r} uint16 shards. Re-run prepare.py into a new --out")
+    return meta
+
+
+def count_tokens(data_dir, split="train"):
+    """Tokens of all ranks together in one epoch of `split` (e.g. for the default training length)."""
+    meta = read_meta(data_dir)
+    if split == "val":
+        return sum(s.get("val", {}).get("tokens", 0) for s in meta["subsets"].values())
+    return sum(sh["tokens"] for s in meta["subsets"].values() for sh in s["shards"])
+
+
+class Shard:
+    """One .bin/.idx pair as memmaps, opened once; checks that the token file and the offsets agree."""
+
+    def __init__(self, directory, name, docs, tokens):
+        bin_path, idx_path = directory / f"{name}.bin", directory / f"{name}.idx"
+        for p in (bin_path, idx_path):
+            if not p.exists():
+                raise DataError(f"shard file {p} is missing; re-run prepare.py with the same options to redo it")
+        n_tokens = bin_path.stat().st_size // 2
+        self.offsets = np.memmap(idx_path, dtype=np.int64, mode="r")
+        # np.memmap refuses empty files; an empty shard (every document went to val) is legal
+        self.tokens = np.memmap(bin_path, dtype=np.uint16, mode="r") if n_tokens else np.zeros(0, np.uint16)
+        self.n_docs = len(self.offsets) - 1
+        if (bin_path.stat().st_size % 2 or self.n_docs != docs or n_tokens != tokens
+                or self.offsets[0] != 0 or self.offsets[-1] != n_tokens):
+            raise DataError(f"corrupt shard {bin_path}: {n_tokens} tokens and {self.n_docs} documents on disk, "
+                            f"index ends at {int(self.offsets[-1]) if len(self.offsets) else None}, meta.json says "
+                            f"{tokens} tokens and {docs} documents; delete it and its .idx, then re-run prepare.py")
+
+    def document(self, i):
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def rank_share(n, rank, world_size):
+    """How many of n documents rank takes (every world_size-th, starting at rank)."""
+    return len(range(rank, n, world_size))
+
+
+def uniform(*key):
+    """A reproducible float in [0, 1) from integers: the subset draws need no RNG state in the checkpoint."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+class PackedLoader:
+    def __init__(self, data_dir, split="train", block_size=4096, batch_size=8, rank=0, world_size=1, seed=1337,
+                 subset=None, device=None):
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}: use 'train' or 'val'")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        meta = read_meta(data_dir)
+        names = list(meta["subsets"])
+        if subset is not None and subset not in names:
+            raise DataError(f"subset {subset!r} is not in {data_dir} (it has: {', '.join(names)})")
+        self.subsets = [subset] if subset else names
+        self.split, self.subset, self.seed = split, subset, seed
+        self.block_size, self.batch_size, self.rank, self.world_size = block_size, batch_size, rank, world_size
+        self.device = torch.device(device) if device is not None else None
+        root = Path(data_dir)
+        self.shards = []  # per subset: list of Shard
+        for name in self.subsets:
+            info = meta["subsets"][name]
+            if split == "val":
+                if "val" not in info or info["val"]["docs"] == 0:
+                    raise DataError(f"{data_dir} has no val documents for {name}; "
+                                    f"re-run prepare.py with --val-docs N (N > 0) into a new --out")
+                self.shards.append([Shard(root / name, "val", info["val"]["docs"], info["val"]["tokens"])])
+            else:
+                self.shards.append([Shard(root / name, sh["name"], sh["docs"], sh["tokens"]) for sh in info["shards"]])
+        self.docs_per_epoch = [sum(rank_share(s.n_docs, rank, world_size) for s in shards) for shards in self.shards]
+        if sum(self.docs_per_epoch) == 0:
+            raise DataError(f"rank {rank} of {world_size} gets no {split} documents from {data_dir} "
+                            f"(subsets {', '.join(self.subsets)}); prepare more data or use fewer ranks")
+        self.epoch, self.draws, self.carry = 0, 0, None
+        self.start_epoch(0)
+
+    # ------------------------------------------------------------------ document order
+
+    def start_epoch(self, epoch):
+        self.epoch, self.draws = epoch, 0
+        self.position = [[0, 0] for _ in self.subsets]  # per subset: (index into shard order, index into share)
+        self.left = list(self.docs_per_epoch)
+        self.shard_orders = [np.arange(len(shards)) if self.split == "val" else
+                             np.random.default_rng([self.seed, epoch, s]).permutation(len(shards))
+                             for s, shards in enumerate(self.shards)]
+        self.current_share = [None] * len(self.subsets)  # per subset: (shard, this rank's documents of it)
+
+    def share(self, s, shard):
+        """This rank's documents of one shard, in visiting order (the only per-document array held in memory)."""
+        if self.current_share[s] is None or self.current_share[s][0] != shard:
+            n = self.shards[s][shard].n_docs
+            order = np.arange(n) if self.split == "val" else \
+                np.random.default_rng([self.seed, self.epoch, s, shard]).permutation(n)
+            self.current_share[s] = (shard, order[self.rank::self.world_size])
+        return self.current_share[s][1]
+
+    def pick_subset(self):
+        total = sum(self.left)
+        if total == 0:
+            self.start_epoch(self.epoch + 1)
+            total = sum(self.left)
+        if self.split == "val":  # deterministic: subsets one after another
+            return next(s for s, n in enumerate(self.left) if n)
+        u = uniform(self.seed, self.rank, self.epoch, self.draws) * total
+        for s, n in enumerate(self.left):
+            if u < n:
+                return s
+            u -= n
+        return max(s for s, n in enumerate(self.left) if n)  # float round-off at the very top of the range
+
+    def draw_document(self):
+        """(subset, shard, document) of the next document on this rank."""
+        s = self.pick_subset()
+        self.draws += 1
+        while True:
+            shard_pos, doc_pos = self.position[s]
+            shard = int(self.shard_orders[s][shard_pos])
+            share = self.share(s, shard)
+            if doc_pos < len(share):
+                self.position[s][1] += 1
+                self.left[s] -= 1
+                return s, shard, int(share[doc_pos])
+            self.position[s] = [shard_pos + 1, 0]
+
+    # ------------------------------------------------------------------ packing
+
+    def next_batch(self):
+        rows = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+        segments = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+        for b in range(self.batch_size):
+            pos, segment = 0, 0
+            while pos < self.block_size + 1:
+                if self.carry is None:
+                    self.carry = (*self.draw_document(), 0)
+                s, shard, doc, offset = self.carry
+                tokens = self.shards[s][shard].document(doc)
+                n = min(len(tokens) - offset, self.block_size + 1 - pos)
+                rows[b, pos:pos + n] = tokens[offset:offset + n]
+                segments[b, pos:pos + n] = segment
+                pos, segment = pos + n, segment + 1
+                self.carry = (s, shard, doc, offset + n) if offset + n < len(tokens) else None
+        x, y, doc_ids = (torch.from_numpy(a) for a in (rows[:, :-1], rows[:, 1:], segments[:, :-1]))
+        x, y, doc_ids = x.contiguous(), y.contiguous(), doc_ids.contiguous()
+        if self.device is not None and self.device.type == "cuda":
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (x, y, doc_ids))
+        return x, y, doc_ids
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self):
+        return {"split": self.split, "subsets": list(self.subsets), "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "epoch": self.epoch, "draws": self.draws,
+                "position": [list(p) for p in self.position], "left": list(self.left),
+                "carry": list(self.carry) if self.carry is not None else []}
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ("split", "subsets", "seed", "world_size", "rank"):
+            if state.get(key) != mine[key]:
+                raise DataError(f"data loader state was saved with {key}={state.get(key)!r}, this loader has "
+                                f"{key}={mine[key]!r}: the document order depends on it, so it cannot resume. "
+                                f"Start the data stream afresh (train.py: --restore_data_state=False)")
+        self.start_epoch(state["epoch"])
+        self.draws = state["draws"]
+        self.position = [list(p) for p in state["position"]]
+        self.left = list(state["left"])
+        self.carry = tuple(state["carry"]) if state["carry"] else None

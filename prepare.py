@@ -1,0 +1,352 @@
+"""Download SmolLM-Corpus and pre-tokenize it into memmapped uint16 token shards.
+
+    python prepare.py                                    # whole corpus from the hub (~672 GB parquet, ~250B tokens)
+    python prepare.py --fraction 0.01                    # first 1% of each subset's files (keeps the proportions)
+    python prepare.py --source /path/to/local/copy       # a local dir laid out like the hub repo
+
+Reads `HuggingFaceTB/smollm-corpus` (subsets cosmopedia-v2 and fineweb-edu-dedup, at a pinned revision),
+file by file, or a local directory with the same layout (`<subset>/train-NNNNN-of-MMMMM.parquet`).
+Writes, under --out (default data/smollm):
+
+    meta.json                          tokenizer, vocab, dtype, and per shard: source file, documents, tokens
+    <subset>/train-NNNNN.bin / .idx    one pair per source file: uint16 tokens, int64 document offsets (n_docs + 1)
+    <subset>/val.bin / .idx            the first --val-docs documents of the subset's first file (not in train)
+
+Each document is stored as [<|endoftext|>] + encode_ordinary(text) with GPT-2's BPE (tiktoken r50k_base), so
+every document opens with the end-of-text token. Null and empty texts are skipped and counted.
+
+Crash-safe: every shard is written under a .tmp name and renamed when complete, and meta.json is rewritten
+atomically after each source file; a rerun skips finished files and redoes an unfinished one, giving output
+byte-identical to an uninterrupted run.
+"""
+import argparse
+import errno
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+REPO_ID = "HuggingFaceTB/smollm-corpus"
+REVISION = "3ba9d605774198c5868892d7a8deda78031a781f"  # pinned, so that a rerun months later reads the same files
+SUBSETS = ("cosmopedia-v2", "fineweb-edu-dedup")
+TOKENIZER = "r50k_base"  # GPT-2 BPE: 50257 tokens, <|endoftext|> = 50256
+READ_BATCH_ROWS = 1024   # rows per parquet record batch: bounds memory whatever the file size
+TOKENIZE_CHUNK_ROWS = 256  # rows per task sent to a worker process
+
+
+class PrepareError(Exception):
+    """A problem with the input or the environment that the user can fix; printed without a traceback."""
+
+
+# ----------------------------------------------------------------------------- tokenization (runs in workers)
+
+_encoding = None
+
+
+def get_encoding():
+    global _encoding
+    if _encoding is None:
+        import tiktoken
+        _encoding = tiktoken.get_encoding(TOKENIZER)
+    return _encoding
+
+
+def tokenize_texts(texts, encoding=None):
+    """Tokenize documents -> (uint16 tokens of all kept docs, int64 length of each, number skipped).
+
+    Null and empty texts are skipped. Every kept document is [eot] + encode_ordinary(text)."""
+    enc = encoding or get_encoding()
+    kept = [t for t in texts if t]
+    token_lists = enc.encode_ordinary_batch(kept, num_threads=1)
+    lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
+    tokens = np.empty(int(lengths.sum()), dtype=np.int64)
+    pos = 0
+    for ids, n in zip(token_lists, lengths):
+        tokens[pos] = enc.eot_token
+        tokens[pos + 1:pos + n] = ids
+        pos += n
+    if tokens.size and tokens.max() >= 2**16:
+        raise PrepareError(f"token id {int(tokens.max())} does not fit uint16 (tokenizer {enc.name}, "
+                           f"{enc.n_vocab} tokens); the shard format needs a vocabulary below 65536")
+    return tokens.astype(np.uint16), lengths, len(texts) - len(kept)
+
+
+# ----------------------------------------------------------------------------- listing and fetching source files
+
+def list_source_files(source, subsets, revision):
+    """{subset: [relative paths in file order]} from the hub or a local directory."""
+    files = {}
+    if source == "hf":
+        from huggingface_hub import HfApi
+        api = HfApi()
+        for subset in subsets:
+            try:
+                entries = api.list_repo_tree(REPO_ID, path_in_repo=subset, repo_type="dataset", revision=revision)
+                files[subset] = sorted(e.path for e in entries
+                                       if e.path.rsplit("/", 1)[-1].startswith("train-") and e.path.endswith(".parquet"))
+            except Exception as e:  # network errors come in many types (httpx, OSError, HfHubHTTPError)
+                raise PrepareError(f"cannot list {REPO_ID}/{subset} on the Hugging Face Hub ({api.endpoint}): "
+                                   f"{type(e).__name__}: {e}\nIf the hub is unreachable, download the parquet files "
+                                   f"elsewhere and run: python prepare.py --source DIR "
+                                   f"(DIR laid out as <subset>/train-NNNNN-of-MMMMM.parquet)") from None
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise PrepareError(f"--source {source}: no such directory (use --source hf to download from the hub)")
+        for subset in subsets:
+            files[subset] = sorted(f"{subset}/{p.name}" for p in (root / subset).glob("train-*.parquet"))
+    for subset, paths in files.items():
+        if not paths:
+            where = f"{REPO_ID}@{revision}" if source == "hf" else str(Path(source) / subset)
+            raise PrepareError(f"subset {subset}: no train-*.parquet files found in {where} "
+                               f"(missing or empty folder; expected {subset}/train-NNNNN-of-MMMMM.parquet)")
+    return files
+
+
+def fetch(source, rel_path, download_dir, revision):
+    """Local path of one source file, downloading it (resumably) from the hub if needed."""
+    if source != "hf":
+        return Path(source) / rel_path
+    from huggingface_hub import hf_hub_download
+    try:  # hf_hub_download resumes a partial download from its .incomplete file
+        return Path(hf_hub_download(REPO_ID, rel_path, repo_type="dataset", revision=revision, local_dir=download_dir))
+    except Exception as e:
+        raise PrepareError(f"cannot download {rel_path} from {REPO_ID}@{revision}: {type(e).__name__}: {e}\n"
+                           f"Rerun to resume, or use --source DIR with a local copy of the files") from None
+
+
+# ----------------------------------------------------------------------------- writing shards
+
+def read_text_batches(path):
+    """Yield lists of texts, one parquet record batch at a time (only the `text` column is read)."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise PrepareError(f"{path}: not a readable parquet file ({e}); delete it and rerun") from None
+    if "text" not in pf.schema_arrow.names:
+        raise PrepareError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); "
+                           f"is this a smollm-corpus file?")
+    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=["text"]):
+        yield batch.column(0).to_pylist()
+
+
+def tokenized_chunks(path, pool, workers):
+    """Yield (tokens, lengths, skipped) per chunk, in file order, with at most 2 x workers chunks in flight."""
+    pending = deque()
+    for texts in read_text_batches(path):
+        for i in range(0, len(texts), TOKENIZE_CHUNK_ROWS):
+            chunk = texts[i:i + TOKENIZE_CHUNK_ROWS]
+            pending.append(pool.submit(tokenize_texts, chunk) if pool else chunk)
+            while len(pending) > 2 * workers:
+                yield resolve(pending.popleft())
+    while pending:
+        yield resolve(pending.popleft())
+
+
+def resolve(item):
+    return tokenize_texts(item) if isinstance(item, list) else item.result()
+
+
+class ShardWriter:
+    """Appends documents to <name>.bin.tmp / <name>.idx.tmp; commit() renames both into place."""
+
+    def __init__(self, directory, name):
+        self.bin_path, self.idx_path = directory / f"{name}.bin", directory / f"{name}.idx"
+        self.bin = open(f"{self.bin_path}.tmp", "wb")
+        self.offsets = [np.zeros(1, dtype=np.int64)]
+        self.tokens = self.docs = 0
+
+    def write(self, tokens, lengths):
+        self.bin.write(memoryview(tokens))  # a plain write, so a full disk raises ENOSPC here
+        self.offsets.append(self.tokens + np.cumsum(lengths))
+        self.tokens += int(lengths.sum())
+        self.docs += len(lengths)
+
+    def commit(self):
+        self.bin.flush()
+        os.fsync(self.bin.fileno())
+        self.bin.close()
+        with open(f"{self.idx_path}.tmp", "wb") as f:
+            np.concatenate(self.offsets).tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f"{self.bin_path}.tmp", self.bin_path)
+        os.replace(f"{self.idx_path}.tmp", self.idx_path)
+        return {"docs": self.docs, "tokens": self.tokens}
+
+
+def tokenize_file(path, out_dir, shard_name, val_docs, pool, workers, progress):
+    """Tokenize one parquet file into its train shard (and, for a subset's first file, the val shard)."""
+    val = ShardWriter(out_dir, "val") if val_docs else None
+    train = ShardWriter(out_dir, shard_name)
+    skipped = 0
+    for tokens, lengths, n_skipped in tokenized_chunks(path, pool, workers):
+        skipped += n_skipped
+        progress.update(len(lengths) + n_skipped, int(lengths.sum()))
+        if val is not None and val.docs < val_docs:  # the first val_docs documents go to val
+            k = min(val_docs - val.docs, len(lengths))
+            split = int(lengths[:k].sum())
+            val.write(tokens[:split], lengths[:k])
+            tokens, lengths = tokens[split:], lengths[k:]
+        train.write(tokens, lengths)
+    result = {"train": train.commit(), "skipped_docs": skipped}
+    if val is not None:
+        result["val"] = val.commit()
+    return result
+
+
+# ----------------------------------------------------------------------------- meta.json and progress
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_or_new_meta(out, source, revision, files, val_docs):
+    enc = get_encoding()
+    fresh = {"tokenizer": TOKENIZER, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16",
+             "source": REPO_ID if source == "hf" else "local", "revision": revision if source == "hf" else None,
+             "val_docs": val_docs, "subsets": {s: {"files": len(paths), "shards": []} for s, paths in files.items()}}
+    path = out / "meta.json"
+    if not path.exists():
+        return fresh
+    meta = json.loads(path.read_text())
+    for key in ("tokenizer", "val_docs", "source", "revision"):
+        if meta.get(key) != fresh[key]:
+            raise PrepareError(f"{path} was written with {key}={meta.get(key)!r}, this run has {fresh[key]!r}; "
+                               f"use the same options to resume, or a new --out")
+    for subset in files:  # a subset added on a later run starts with no shards
+        meta["subsets"].setdefault(subset, fresh["subsets"][subset])
+        meta["subsets"][subset]["files"] = len(files[subset])
+    return meta
+
+
+class Progress:
+    """One line on stderr: files done/total, documents, tokens, tokens/s, ETA."""
+
+    def __init__(self, files_total, files_done):
+        self.files_total, self.files_done = files_total, files_done
+        self.start_done = files_done  # files finished by an earlier run don't count towards this run's speed
+        self.docs = self.tokens = 0
+        self.file_rows = self.file_rows_done = 0
+        self.start = self.last = time.time()
+
+    def start_file(self, rows):
+        self.file_rows, self.file_rows_done = max(rows, 1), 0
+
+    def update(self, rows, tokens, force=False):
+        self.docs += rows
+        self.tokens += tokens
+        self.file_rows_done += rows
+        now = time.time()
+        if not force and now - self.last < 1.0:
+            return
+        self.last = now
+        elapsed = now - self.start
+        done = self.files_done + min(self.file_rows_done / self.file_rows, 1.0)
+        eta = elapsed / max(done - self.start_done, 1e-9) * (self.files_total - done) if done > self.start_done else 0
+        print(f"\r[prepare] files {self.files_done}/{self.files_total} | docs {self.docs:,} | tokens {self.tokens:,} "
+              f"| {self.tokens / max(elapsed, 1e-9) / 1e6:.2f}M tok/s | ETA {format_seconds(eta)}   ",
+              end="", file=sys.stderr, flush=True)
+
+    def file_finished(self):
+        self.files_done, self.file_rows_done = self.files_done + 1, 0
+        self.update(0, 0, force=True)
+
+
+def format_seconds(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+# ----------------------------------------------------------------------------- main
+
+def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, revision):
+    out = Path(out)
+    files = list_source_files(source, subsets, revision)
+    files = {s: paths[:math.ceil(fraction * len(paths))] for s, paths in files.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    meta = load_or_new_meta(out, source, revision, files, val_docs)
+    done = {(s, sh["source"]) for s in meta["subsets"] for sh in meta["subsets"][s]["shards"]}
+    todo = [(s, i, p) for s in subsets for i, p in enumerate(files[s]) if (s, p) not in done]
+    total = sum(len(p) for p in files.values())
+    progress = Progress(total, total - len(todo))
+    print(f"[prepare] {total} files ({', '.join(f'{s}: {len(p)}' for s, p in files.items())}), "
+          f"{len(todo)} to do, {workers} workers -> {out}", file=sys.stderr)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for subset, i, rel in todo:
+            (out / subset).mkdir(exist_ok=True)
+            local = fetch(source, rel, out / "download", revision)
+            progress.start_file(pq.ParquetFile(local).metadata.num_rows if local.exists() else 1)
+            result = tokenize_file(local, out / subset, f"train-{i:05d}", val_docs if i == 0 else 0,
+                                   pool, workers, progress)
+            shards = meta["subsets"][subset]["shards"]
+            shards.append({"name": f"train-{i:05d}", "source": rel, **result["train"],
+                           "skipped_docs": result["skipped_docs"]})
+            shards.sort(key=lambda sh: sh["name"])
+            if "val" in result:
+                meta["subsets"][subset]["val"] = result["val"]
+                if result["val"]["docs"] < val_docs or result["train"]["docs"] == 0:
+                    print(f"\n[prepare] warning: {rel} has {result['val']['docs'] + result['train']['docs']} "
+                          f"documents: {result['val']['docs']} went to val and {result['train']['docs']} to train "
+                          f"(--val-docs {val_docs})", file=sys.stderr)
+            write_json_atomic(out / "meta.json", meta)
+            if source == "hf" and not keep_parquet:
+                local.unlink()  # disk holds tokens, not both
+            progress.file_finished()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise PrepareError(f"no space left on the device holding {out} ({e.filename or ''}); free space or "
+                               f"use --out on a bigger disk, then rerun to resume") from None
+        raise
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    print(file=sys.stderr)
+    n_tokens = sum(sh["tokens"] for s in subsets for sh in meta["subsets"][s]["shards"])
+    print(f"[prepare] done: {n_tokens:,} train tokens in {out}", file=sys.stderr)
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="hf", help="'hf' to download from the hub, or a local directory")
+    p.add_argument("--out", default="data/smollm", help="output directory")
+    p.add_argument("--subsets", default=",".join(SUBSETS), help="comma-separated subsets")
+    p.add_argument("--fraction", type=float, default=1.0, help="take the first ceil(F x files) files of each subset")
+    p.add_argument("--val-docs", type=int, default=1000, help="documents of each subset's first file kept for val")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
+    p.add_argument("--keep-parquet", action="store_true", help="keep downloaded parquet files after tokenizing")
+    p.add_argument("--revision", default=REVISION, help="hub revision (commit) to download")
+    args = p.parse_args(argv)
+    subsets = [s for s in args.subsets.split(",") if s]
+    unknown = [s for s in subsets if s not in SUBSETS]
+    try:
+        if unknown:
+            raise PrepareError(f"--subsets: unknown subset(s) {', '.join(unknown)}; choose from {', '.join(SUBSETS)}")
+        if not 0 < args.fraction <= 1:
+            raise PrepareError(f"--fraction {args.fraction}: must be in (0, 1]")
+        if args.val_docs < 0 or args.workers < 1:
+            raise PrepareError("--val-docs must be >= 0 and --workers >= 1")
+        prepare(args.source, args.out, subsets, args.fraction, args.val_docs, args.workers, args.keep_parquet,
+                args.revision)
+    except PrepareError as e:
+        print(f"\nprepare.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

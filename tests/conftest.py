@@ -1,0 +1,95 @@
+"""Shared test fixtures: small parquet corpora in the published smollm-corpus schemas, and a prepared data dir.
+
+The fixtures write their own data (no ../shared needed), so the suite runs in a fresh clone. Text is
+synthetic English-like prose from a seeded word list, tokenized for real by tiktoken's GPT-2 BPE.
+"""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The published column schemas of HuggingFaceTB/smollm-corpus (checked against the 0-row schema files of
+# shared/data/smollm-sample/schemas). metadata.date is timestamp[s] on the hub; parquet stores it as [ms].
+SCHEMAS = {
+    "cosmopedia-v2": pa.schema([
+        ("prompt", pa.string()), ("text", pa.string()), ("token_length", pa.int64()),
+        ("audience", pa.string()), ("format", pa.string()), ("seed_data", pa.string()),
+    ]),
+    "fineweb-edu-dedup": pa.schema([
+        ("text", pa.string()), ("id", pa.string()),
+        ("metadata", pa.struct([
+            ("dump", pa.string()), ("url", pa.string()), ("date", pa.timestamp("ms")),
+            ("file_path", pa.string()), ("language", pa.string()), ("language_score", pa.float64()),
+            ("token_count", pa.int64()), ("score", pa.float64()), ("int_score", pa.int64()),
+        ])),
+    ]),
+}
+
+WORDS = ("the of and to in is was for on that with as by at from it an be are this which or have has "
+         "water light plant energy cell sun leaf root river mountain city people history music number "
+         "teacher student book lesson garden ocean planet star carbon oxygen animal forest village "
+         "grows moves makes learns reads writes builds measures changes explains carries shows "
+         "small large green bright ancient modern simple careful quiet important natural").split()
+
+
+def make_text(rng, n_words):
+    """Seeded pseudo-English: sentences of 6-14 words, capitalised, ending with a full stop."""
+    sentences, left = [], n_words
+    while left > 0:
+        k = min(left, rng.randint(6, 14))
+        words = [rng.choice(WORDS) for _ in range(k)]
+        sentences.append(" ".join(words).capitalize() + ".")
+        left -= k
+    return " ".join(sentences)
+
+
+def write_subset_file(path, subset, texts, prompts=None):
+    """One parquet file of `subset`'s schema holding `texts` (None allowed), other columns filled plausibly."""
+    n = len(texts)
+    if subset == "cosmopedia-v2":
+        cols = {"prompt": prompts or ["Write a lesson."] * n, "text": texts, "token_length": [len(t or "") // 4 for t in texts],
+                "audience": ["students"] * n, "format": ["textbook"] * n, "seed_data": ["fixture"] * n}
+    else:
+        cols = {"text": texts, "id": [f"<urn:uuid:{i:08d}>" for i in range(n)], "metadata": [None] * n}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Small row groups so that readers really stream record batches.
+    pq.write_table(pa.table(cols, schema=SCHEMAS[subset]), path, row_group_size=16)
+
+
+def write_hub_layout(root, docs_per_file=None, seed=0, words=(20, 400)):
+    """Write `root/<subset>/train-NNNNN-of-MMMMM.parquet` like the hub repo. Returns {relative path: [texts]}."""
+    docs_per_file = docs_per_file or {"cosmopedia-v2": [60, 50], "fineweb-edu-dedup": [90]}
+    rng = random.Random(seed)
+    written = {}
+    for subset, counts in docs_per_file.items():
+        for i, n in enumerate(counts):
+            texts = [make_text(rng, rng.randint(*words)) for _ in range(n)]
+            rel = f"{subset}/train-{i:05d}-of-{len(counts):05d}.parquet"
+            write_subset_file(Path(root) / rel, subset, texts)
+            written[rel] = texts
+    return written
+
+
+def run_prepare(*args, env=None, check=True, timeout=300):
+    """Run prepare.py as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(ROOT / "prepare.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, env=env or os.environ.copy(), timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"prepare.py failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    """A prepared data dir (both subsets, a few hundred short documents) shared by the whole session."""
+    base = tmp_path_factory.mktemp("prepared")
+    write_hub_layout(base / "hub", {"cosmopedia-v2": [120, 100], "fineweb-edu-dedup": [110]}, seed=1)
+    run_prepare("--source", base / "hub", "--out", base / "data", "--val-docs", 20, "--workers", 1)
+    return base / "data"

@@ -1,0 +1,394 @@
+"""prepare.py and data.py against real parquet files, real tokenization and real shards on disk."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+import torch
+
+from conftest import ROOT, run_prepare, write_hub_layout, write_subset_file
+from data import DataError, PackedLoader, count_tokens
+
+EOT = 50256
+
+
+def decode_shard(directory, name):
+    enc = tiktoken.get_encoding("r50k_base")
+    tokens = np.fromfile(directory / f"{name}.bin", dtype=np.uint16)
+    offsets = np.fromfile(directory / f"{name}.idx", dtype=np.int64)
+    docs = [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    assert all(d[0] == EOT and EOT not in d[1:] for d in docs)  # every document opens with <|endoftext|>
+    return [enc.decode(d[1:].tolist()) for d in docs]
+
+
+def tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- prepare.py
+
+def test_prepare_roundtrip_meta_and_skipped_texts(tmp_path):
+    texts = write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [30, 25], "fineweb-edu-dedup": [40]}, seed=3)
+    # null and empty texts are skipped and counted, never crash the run
+    with_gaps = texts["fineweb-edu-dedup/train-00000-of-00001.parquet"][:]
+    with_gaps[3], with_gaps[17], with_gaps[30] = None, "", None
+    write_subset_file(tmp_path / "hub/fineweb-edu-dedup/train-00000-of-00001.parquet", "fineweb-edu-dedup", with_gaps)
+    run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "out", "--val-docs", 5, "--workers", 2)
+
+    out = tmp_path / "out"
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"], meta["dtype"]) == ("r50k_base", 50257, EOT, "uint16")
+    for subset, files in (("cosmopedia-v2", 2), ("fineweb-edu-dedup", 1)):
+        originals = [t for i in range(files) for t in texts[f"{subset}/train-{i:05d}-of-{files:05d}.parquet"]]
+        if subset == "fineweb-edu-dedup":
+            originals = [t for t in with_gaps if t]
+        stored = decode_shard(out / subset, "val") + [d for i in range(files)
+                                                      for d in decode_shard(out / subset, f"train-{i:05d}")]
+        assert stored == originals  # decode(shard document i) == original text i, val first, in file order
+        info = meta["subsets"][subset]
+        assert info["val"]["docs"] == 5 and info["files"] == files
+        assert [sh["source"] for sh in info["shards"]] == [f"{subset}/train-{i:05d}-of-{files:05d}.parquet"
+                                                          for i in range(files)]
+        for sh in info["shards"]:
+            assert sh["tokens"] == (out / subset / f"{sh['name']}.bin").stat().st_size // 2
+    assert meta["subsets"]["fineweb-edu-dedup"]["shards"][0]["skipped_docs"] == 3
+    assert meta["subsets"]["fineweb-edu-dedup"]["shards"][0]["docs"] == 40 - 3 - 5
+
+
+def test_fraction_takes_first_files_per_subset(tmp_path):
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [5, 5, 5], "fineweb-edu-dedup": [5, 5]})
+    run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "out", "--fraction", 0.5, "--val-docs", 1)
+    meta = json.loads((tmp_path / "out/meta.json").read_text())
+    assert [sh["source"] for sh in meta["subsets"]["cosmopedia-v2"]["shards"]] == [
+        "cosmopedia-v2/train-00000-of-00003.parquet", "cosmopedia-v2/train-00001-of-00003.parquet"]  # ceil(1.5)
+    assert len(meta["subsets"]["fineweb-edu-dedup"]["shards"]) == 1
+
+
+def test_kill_during_prepare_then_rerun_gives_identical_bytes(tmp_path):
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [300, 300], "fineweb-edu-dedup": [300, 300]}, seed=5,
+                     words=(200, 600))
+    run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "clean", "--val-docs", 10, "--workers", 1)
+    for kill_at in ("first .tmp file", "second shard"):
+        out = tmp_path / f"killed-{kill_at[0]}"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--source", str(tmp_path / "hub"),
+                                 "--out", str(out), "--val-docs", "10", "--workers", "1"], cwd=ROOT,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            tmps = list(out.rglob("*.tmp"))
+            shards = list(out.rglob("train-*.bin"))
+            if (kill_at == "first .tmp file" and tmps) or (kill_at == "second shard" and len(shards) >= 2 and tmps):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, "prepare.py finished before it could be killed; make the fixture bigger"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert list(out.rglob("*.tmp")), "the kill should land while a shard is being written"
+        run_prepare("--source", tmp_path / "hub", "--out", out, "--val-docs", 10, "--workers", 1)
+        assert tree_bytes(out) == tree_bytes(tmp_path / "clean")  # no .tmp left, every byte the same
+
+
+def test_prepare_input_errors(tmp_path):
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [4], "fineweb-edu-dedup": [4]})
+    # a missing subset folder, then an empty one
+    hub2 = tmp_path / "hub2"
+    write_hub_layout(hub2, {"cosmopedia-v2": [4]})
+    proc = run_prepare("--source", hub2, "--out", tmp_path / "o1", check=False)
+    assert proc.returncode == 1 and "fineweb-edu-dedup" in proc.stderr and "no train-*.parquet" in proc.stderr
+    (hub2 / "fineweb-edu-dedup").mkdir()
+    proc = run_prepare("--source", hub2, "--out", tmp_path / "o1", check=False)
+    assert proc.returncode == 1 and "missing or empty folder" in proc.stderr and "Traceback" not in proc.stderr
+    # a file without a text column
+    import pyarrow as pa
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "hub/fineweb-edu-dedup/train-00000-of-00001.parquet")
+    proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "o2", check=False)
+    assert proc.returncode == 1 and "no 'text' column" in proc.stderr and "content" in proc.stderr
+    # a source dir that doesn't exist, an unknown subset, a bad fraction
+    for args, words in ((["--source", tmp_path / "nope"], "no such directory"),
+                        (["--source", tmp_path / "hub", "--subsets", "python-edu"], "unknown subset"),
+                        (["--source", tmp_path / "hub", "--fraction", 0], "--fraction")):
+        proc = run_prepare(*args, "--out", tmp_path / "o3", check=False)
+        assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_space_left_is_a_clear_error(tmp_path):
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [4], "fineweb-edu-dedup": [4]})
+    (tmp_path / "out/cosmopedia-v2").mkdir(parents=True)
+    # /dev/full answers every write with ENOSPC, exactly like a full disk
+    os.symlink("/dev/full", tmp_path / "out/cosmopedia-v2/train-00000.bin.tmp")
+    proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "out", "--val-docs", 0, check=False)
+    assert proc.returncode == 1 and "no space left" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_token_ids_that_do_not_fit_uint16_are_refused():
+    import prepare
+    base = tiktoken.get_encoding("r50k_base")
+    # a real tiktoken encoding whose ids are shifted past 2^16, as a larger vocabulary would produce
+    shifted = tiktoken.Encoding(name="shifted", pat_str=base._pat_str,
+                                mergeable_ranks={k: v + 20000 for k, v in base._mergeable_ranks.items()},
+                                special_tokens={"<|endoftext|>": 70257})
+    with pytest.raises(prepare.PrepareError, match="does not fit uint16"):
+        prepare.tokenize_texts(["Hello world, this is a test."], encoding=shifted)
+    tokens, lengths, skipped = prepare.tokenize_texts(["Hello world", None, ""])
+    assert tokens.tolist() == [EOT, 15496, 995] and lengths.tolist() == [3] and skipped == 2
+
+
+# ----------------------------------------------------------------------------- the hub download path
+
+class FakeHub(BaseHTTPRequestHandler):
+    """Serves a local dir under the hub's URL scheme: the tree API and resolve/ downloads with Range support."""
+    root, commit, requests, cut_first_get = None, "a" * 40, [], set()
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.serve(body=True)
+
+    def do_HEAD(self):
+        self.serve(body=False)
+
+    def serve(self, body):
+        FakeHub.requests.append((self.command, self.path, self.headers.get("Range")))
+        path = self.path.split("?")[0]
+        tree = "/api/datasets/HuggingFaceTB/smollm-corpus/tree/"
+        resolve = "/datasets/HuggingFaceTB/smollm-corpus/resolve/"
+        if path.startswith(tree):
+            subset = path[len(tree):].split("/", 1)[1]
+            files = sorted((self.root / subset).glob("*.parquet"))
+            data = json.dumps([{"type": "file", "path": f"{subset}/{f.name}", "size": f.stat().st_size,
+                                "oid": "0" * 40} for f in files]).encode()
+            return self.reply(200, data, {"Content-Type": "application/json"}, body)
+        if path.startswith(resolve):
+            rel = path[len(resolve):].split("/", 1)[1]
+            f = self.root / rel
+            if not f.exists():
+                return self.reply(404, b"not found", {"X-Error-Code": "EntryNotFound"}, body)
+            data = f.read_bytes()
+            headers = {"X-Repo-Commit": self.commit, "ETag": f'"{hash(data) & 0xffffffff:08x}"',
+                       "Accept-Ranges": "bytes"}
+            start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+            if body and rel in self.cut_first_get:  # drop the connection halfway through the first download
+                FakeHub.cut_first_get.discard(rel)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data[:len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            if start:
+                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            return self.reply(206 if start else 200, data[start:], headers, body)
+        self.reply(404, b"", {}, body)
+
+    def reply(self, code, data, headers, body):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [40, 40], "fineweb-edu-dedup": [50]}, seed=7)
+    FakeHub.root, FakeHub.requests = tmp_path / "hub", []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+           "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    yield tmp_path / "hub", env
+    server.shutdown()
+
+
+def test_download_from_hub_matches_local_source_and_resumes(tmp_path, fake_hub):
+    hub, env = fake_hub
+    # huggingface_hub writes downloads in 10 MB chunks, so make one file big enough to be cut past the first:
+    # long prompts (a column prepare.py never reads) of incompressible bytes
+    big = "cosmopedia-v2/train-00001-of-00002.parquet"
+    texts = pq.read_table(hub / big, columns=["text"]).column(0).to_pylist()
+    rng = random.Random(0)
+    write_subset_file(hub / big, "cosmopedia-v2", texts, prompts=[rng.randbytes(300_000).hex() for _ in texts])
+    assert (hub / big).stat().st_size > 15e6
+    FakeHub.cut_first_get = {big}
+    run_prepare("--out", tmp_path / "from_hub", "--val-docs", 5, "--workers", 1, env=env)
+    run_prepare("--source", hub, "--out", tmp_path / "from_dir", "--val-docs", 5, "--workers", 1)
+    shards = lambda root: {k: v for k, v in tree_bytes(root).items() if k.endswith((".bin", ".idx"))}
+    assert shards(tmp_path / "from_hub") == shards(tmp_path / "from_dir") and len(shards(tmp_path / "from_dir")) == 10
+    # the cut download was resumed with a Range request from where it stopped
+    ranged = [r for r in FakeHub.requests if r[0] == "GET" and "train-00001-of-00002" in r[1] and r[2]]
+    assert ranged and ranged[0][2].startswith("bytes=") and not ranged[0][2].startswith("bytes=0-")
+    # downloaded parquet files are deleted once tokenized, unless --keep-parquet
+    assert not list((tmp_path / "from_hub").rglob("*.parquet"))
+    meta = json.loads((tmp_path / "from_hub/meta.json").read_text())
+    assert meta["source"] == "HuggingFaceTB/smollm-corpus" and meta["revision"] == "3ba9d605774198c5868892d7a8deda78031a781f"
+    assert any("/resolve/3ba9d605774198c5868892d7a8deda78031a781f/" in r[1] for r in FakeHub.requests)
+    run_prepare("--out", tmp_path / "kept", "--val-docs", 5, "--keep-parquet", "--fraction", 0.5, env=env)
+    assert len(list((tmp_path / "kept").rglob("*.parquet"))) == 2
+
+
+def test_unreachable_hub_says_how_to_use_source(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf_home"),
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    proc = run_prepare("--out", tmp_path / "out", env=env, check=False, timeout=120)
+    assert proc.returncode == 1 and "--source DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- data.py
+
+def epoch_documents(loader, epochs=1):
+    """Every document this rank emits in its first `epochs` epochs, as token tuples, read back from the stream."""
+    stream = []
+    while loader.epoch < epochs:  # a new epoch starts only once the last document was fully emitted
+        x, y, _ = loader.next_batch()
+        for b in range(x.shape[0]):
+            stream.append(x[b].numpy())
+            stream.append(y[b, -1:].numpy())
+    stream = np.concatenate(stream)
+    starts = np.flatnonzero(stream == EOT).tolist() + [len(stream)]
+    docs = [tuple(stream[a:b].tolist()) for a, b in zip(starts[:-1], starts[1:])]
+    return docs[:epochs * sum(loader.docs_per_epoch)]
+
+
+def all_documents(data_dir, subset):
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    docs = []
+    for sh in meta["subsets"][subset]["shards"]:
+        tokens = np.fromfile(Path(data_dir) / subset / f"{sh['name']}.bin", dtype=np.uint16)
+        offsets = np.fromfile(Path(data_dir) / subset / f"{sh['name']}.idx", dtype=np.int64)
+        docs += [tuple(tokens[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+    return docs
+
+
+def test_ranks_read_disjoint_documents_and_cover_the_epoch(prepared_data):
+    everything = all_documents(prepared_data, "cosmopedia-v2") + all_documents(prepared_data, "fineweb-edu-dedup")
+    seen = []
+    for rank in range(3):
+        loader = PackedLoader(prepared_data, block_size=64, batch_size=4, rank=rank, world_size=3)
+        docs = epoch_documents(loader)
+        assert len(docs) == len(set(docs)) == sum(loader.docs_per_epoch)
+        seen += docs
+    assert len(seen) == len(set(seen))          # disjoint across ranks
+    assert sorted(seen) == sorted(everything)   # and together every train document exactly once
+    # the next epoch visits the same documents in a fresh order
+    loader = PackedLoader(prepared_data, block_size=64, batch_size=4)
+    docs = epoch_documents(loader, epochs=2)
+    first, second = docs[:len(docs) // 2], docs[len(docs) // 2:]
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_subsets_are_drawn_in_proportion_and_run_out_together(prepared_data):
+    loader = PackedLoader(prepared_data, block_size=32, batch_size=2, seed=11)
+    totals = loader.docs_per_epoch
+    assert totals[0] > 1.5 * totals[1] > 0   # unequal subsets, so proportional drawing matters
+    gaps, ran_out = [], None
+    while loader.epoch == 0:
+        loader.next_batch()
+        left = loader.state_dict()["left"]
+        assert min(left) >= 0
+        if loader.epoch == 0:
+            gaps.append(abs(left[0] / totals[0] - left[1] / totals[1]))
+            if ran_out is None and 0 in left:
+                ran_out = max(l / t for l, t in zip(left, totals))
+    assert max(gaps) < 0.15
+    assert ran_out is not None and ran_out < 0.08   # when one subset empties, the other is (almost) empty too
+    # a subset with nothing left is never drawn: draw counts match the documents exactly
+    picks = []
+    loader = PackedLoader(prepared_data, block_size=32, batch_size=2, seed=3)
+    while loader.epoch == 0:
+        before = list(loader.left)
+        s, _, _ = loader.draw_document()
+        if loader.epoch == 0:
+            assert before[s] > 0
+            picks.append(s)
+    assert picks.count(0) == totals[0] and picks.count(1) == totals[1]
+
+
+def test_doc_ids_follow_document_boundaries(prepared_data):
+    loader = PackedLoader(prepared_data, block_size=256, batch_size=4)
+    documents = set(all_documents(prepared_data, "cosmopedia-v2") + all_documents(prepared_data, "fineweb-edu-dedup"))
+    for _ in range(5):
+        x, y, doc_ids = loader.next_batch()
+        assert x.dtype == y.dtype == doc_ids.dtype == torch.int64 and x.shape == doc_ids.shape == (4, 256)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for b in range(4):
+            ids, row = doc_ids[b].tolist(), x[b].tolist()
+            assert ids[0] == 0 and all(0 <= ids[t] - ids[t - 1] <= 1 for t in range(1, 256))
+            starts = [t for t in range(1, 256) if ids[t] != ids[t - 1]]
+            assert starts == [t for t in range(1, 256) if row[t] == EOT]  # a new segment exactly where a doc opens
+            bounds = [0] + starts + [256]
+            for a, c in zip(bounds[1:-2], bounds[2:-1]):  # whole segments (not the first/last) are whole documents
+                assert tuple(row[a:c]) in documents
+
+
+def test_state_dict_resumes_exactly(prepared_data):
+    a = PackedLoader(prepared_data, block_size=48, batch_size=3, rank=1, world_size=2, seed=5)
+    for _ in range(40):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))  # plain ints, lists and strings
+    assert state["carry"], "a document should be split across the resume point"
+    b = PackedLoader(prepared_data, block_size=48, batch_size=3, rank=1, world_size=2, seed=5)
+    b.load_state_dict(state)
+    for _ in range(400):   # far enough to cross into the next epoch
+        for ta, tb in zip(a.next_batch(), b.next_batch()):
+            assert torch.equal(ta, tb)
+    assert a.epoch == b.epoch >= 1
+    c = PackedLoader(prepared_data, block_size=48, batch_size=3, rank=0, world_size=3, seed=5)
+    with pytest.raises(DataError, match="world_size=2.*restore_data_state=False"):
+        c.load_state_dict(state)
+
+
+def test_val_split_is_fixed_per_subset(prepared_data):
+    blocks = []
+    for _ in range(2):
+        v = PackedLoader(prepared_data, split="val", subset="fineweb-edu-dedup", block_size=64, batch_size=2)
+        blocks.append([v.next_batch() for _ in range(20)])  # more than the val docs hold: cycles
+    for first, second in zip(*blocks):
+        assert all(torch.equal(p, q) for p, q in zip(first, second))
+    val_tokens = np.fromfile(prepared_data / "fineweb-edu-dedup/val.bin", dtype=np.uint16)
+    assert blocks[0][0][0][0, :64].tolist() == val_tokens[:64].tolist()
+    assert count_tokens(prepared_data, "train") == sum(
+        sh["tokens"] for s in json.loads((prepared_data / "meta.json").read_text())["subsets"].values()
+        for sh in s["shards"])
+
+
+def test_data_errors(tmp_path, prepared_data):
+    with pytest.raises(DataError, match="run: python prepare.py"):
+        PackedLoader(tmp_path / "missing")
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(prepared_data, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    (bad / "meta.json").write_text(json.dumps({**meta, "tokenizer": "cl100k_base"}))
+    with pytest.raises(DataError, match="cl100k_base"):
+        PackedLoader(bad)
+    (bad / "meta.json").write_text(json.dumps(meta))
+    shard = bad / "cosmopedia-v2/train-00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])  # a truncated shard no longer matches its index
+    with pytest.raises(DataError, match="corrupt shard .*train-00001.bin"):
+        PackedLoader(bad)
+    with pytest.raises(DataError, match="python-edu"):
+        PackedLoader(prepared_data, subset="python-edu")
+    # uncaught, a DataError is one line on stderr and exit status 1
+    proc = subprocess.run([sys.executable, "-c", f"import data; data.PackedLoader({str(tmp_path / 'missing')!r})"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "prepare.py" in proc.stderr
