@@ -1,0 +1,359 @@
+"""Tests for model.py: backends agree and keep documents apart, causality, DeepNet constants and init, preset sizes,
+the lean head + loss, KV-cache generation, config errors, and one torch.compile check.
+
+    python -m pytest -q tests/test_model.py
+
+CPU, tiny sizes. flex_attention is checked forward-only on CPU (torch has no CPU backward for it); its backward
+is checked only where a GPU is present.
+"""
+import dataclasses
+import math
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from model import (ModelConfig, Transformer, LinearCrossEntropy, deepnet_constants, doc_cu_seqlens,  # noqa: E402
+                   doc_causal_block_mask)
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+FAMILIES = ["deepone", "llama", "qwen3"]
+CPU_IMPLS = ["eager", "sdpa", "flex_attention"]
+V = 256
+
+
+def tiny(family="deepone", attn_impl="sdpa", **overrides):
+    """A 2-layer d64 model with GQA 4:2; the same seed gives the same weights under every attn_impl."""
+    kw = dict(family=family, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=256,
+              attn_impl=attn_impl)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**kw))
+
+
+def packed(B=2, T=256, seed=0):
+    """Tokens and doc_ids of packed rows. Row 0 has a document boundary at 128, on a flex block edge, so one whole
+    block is cross-document; row 1 has boundaries at random places."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    doc = torch.zeros(B, T, dtype=torch.long)
+    for c in (50, 128, 200):
+        doc[0, c:] += 1
+    for c in (torch.randperm(T - 1, generator=g)[:4] + 1).tolist():
+        doc[1:, c:] += 1
+    return idx, doc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention backends
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn_impl", ["sdpa", "flex_attention"])
+def test_forward_matches_eager(family, attn_impl):
+    idx, doc = packed()
+    ref, model = tiny(family, "eager"), tiny(family, attn_impl)
+    with torch.no_grad():
+        for d in (doc, None):
+            want, _ = ref(idx, doc_ids=d)
+            got, _ = model(idx, doc_ids=d)
+            assert got.shape == (2, 256, V) and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backward_sdpa_matches_eager(family):
+    idx, doc = packed(T=128)
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -100
+    ref, model = tiny(family, "eager"), tiny(family, "sdpa")
+    losses = []
+    for m in (ref, model):
+        logits, loss = m(idx, targets, doc_ids=doc)
+        assert logits is None
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for (name, p_ref), p in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attn_impl", CPU_IMPLS)
+def test_documents_are_isolated(attn_impl):
+    """Changing one document's tokens leaves every other document's logits unchanged, before and after it."""
+    idx, doc = packed()
+    model = tiny("deepone", attn_impl)
+    perturbed = idx.clone()
+    in_doc = doc[0] == 1  # row 0, tokens 50..127
+    perturbed[0, in_doc] = (idx[0, in_doc] + 1) % V
+    with torch.no_grad():
+        a, _ = model(idx, doc_ids=doc)
+        b, _ = model(perturbed, doc_ids=doc)
+    torch.testing.assert_close(b[0, ~in_doc], a[0, ~in_doc], atol=1e-6, rtol=0)
+    torch.testing.assert_close(b[1], a[1], atol=1e-6, rtol=0)
+    assert (b[0, in_doc] - a[0, in_doc]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attn_impl", CPU_IMPLS)
+def test_causal(attn_impl):
+    idx, _ = packed(T=128)
+    model = tiny("qwen3", attn_impl)
+    perturbed = idx.clone()
+    perturbed[:, 70:] = (idx[:, 70:] + 1) % V
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(perturbed)
+    torch.testing.assert_close(b[:, :70], a[:, :70], atol=1e-6, rtol=0)
+    assert (b[:, 70:] - a[:, 70:]).abs().max() > 1e-3
+
+
+def test_block_mask_skips_cross_document_blocks():
+    _, doc = packed()
+    bm = doc_causal_block_mask(doc, 2, 256, torch.device("cpu"))
+    # Blocks of 128: in row 0 (documents 0-49, 50-127, 128-199, 200-255) query block 1 may only see kv block 1;
+    # the causal-only mask would also visit kv block 0.
+    visited = bm.kv_num_blocks + (bm.full_kv_num_blocks if bm.full_kv_num_blocks is not None else 0)
+    assert visited[0, 0].tolist() == [1, 1]
+    causal = doc_causal_block_mask(None, 2, 256, torch.device("cpu"))
+    visited = causal.kv_num_blocks + causal.full_kv_num_blocks
+    assert visited[0, 0].tolist() == [1, 2]
+
+
+def test_cu_seqlens_for_flash():
+    doc = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]])
+    assert doc_cu_seqlens(doc, 2, 5, doc.device).tolist() == [0, 2, 5, 6, 8, 10]
+    assert doc_cu_seqlens(None, 2, 5, doc.device).tolist() == [0, 5, 10]
+    assert doc_cu_seqlens(doc, 2, 5, doc.device).dtype == torch.int32
+
+
+def test_flex_training_on_cpu_is_refused():
+    idx, doc = packed(T=64)
+    model = tiny("deepone", "flex_attention")
+    with pytest.raises(RuntimeError, match="attn_impl='sdpa'"):
+        model(idx, idx, doc_ids=doc)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward runs only on GPU")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flex_backward_matches_eager_on_gpu(family):
+    idx, doc = packed()
+    idx, doc = idx.cuda(), doc.cuda()
+    ref, model = tiny(family, "eager").cuda(), tiny(family, "flex_attention").cuda()
+    for m in (ref, model):
+        m(idx, idx, doc_ids=doc)[1].backward()
+    for (name, p_ref), p in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepNet
+
+def test_deepnet_constants_and_init():
+    n = 6
+    alpha, beta = deepnet_constants(n)
+    assert alpha == pytest.approx((2 * n) ** 0.25) and beta == pytest.approx((8 * n) ** -0.25)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, n_layer=n, n_head=4, d_model=256))
+    xavier = lambda w, gain: gain * math.sqrt(2.0 / sum(w.shape))  # noqa: E731
+    for block in model.layers:
+        assert block.post_norm and block.alpha == pytest.approx(alpha)
+        a, f = block.attn, block.ffn
+        for lin, gain in [(a.q_proj, 1.0), (a.k_proj, 1.0), (a.v_proj, beta), (a.o_proj, beta),
+                          (f.gate, beta), (f.up, beta), (f.down, beta)]:
+            w = lin.weight
+            assert w.mean().abs() < 0.01 * w.std()
+            assert w.std().item() == pytest.approx(xavier(w, gain), rel=0.03)
+    # The layer really is x = norm(alpha * x + f(x)) for attention and the FFN.
+    block, x = model.layers[0], torch.randn(2, 16, 256)
+    cos, sin = torch.ones(16, 32), torch.zeros(16, 32)  # position 0 everywhere: RoPE is the identity
+    with torch.no_grad():
+        h = block.attn_norm(alpha * x + block.attn(x, cos, sin, None))
+        want = block.ffn_norm(alpha * h + block.ffn(h))
+        torch.testing.assert_close(block(x, cos, sin, None), want)
+
+
+def test_prenorm_families_init():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="llama", vocab_size=V, n_layer=4, n_head=4, d_model=256))
+    for block in model.layers:
+        assert not block.post_norm and block.alpha == 1.0
+        assert block.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.03)
+        assert block.ffn.down.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.03)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets
+
+def load_preset(name):
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {k: v for k, v in runpy.run_path(os.path.join(ROOT, "config", f"{name}.py")).items() if k in fields}
+
+
+@pytest.mark.parametrize("name, total, body", [
+    ("deepone", 125_355_136, 60_966_016),
+    ("qwen3_124m", 137_752_320, 99_118_848),
+    ("llama_30m", 51_980_800, 26_225_152),
+    ("smoke", 13_304_576, 426_752),
+])
+def test_preset_param_counts(name, total, body):
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**load_preset(name)))
+    assert model.num_params() == total
+    assert model.num_params(non_embedding=True) == body
+
+
+def test_preset_shapes():
+    deepone = ModelConfig(**load_preset("deepone"))
+    assert deepone.family == "deepone" and not deepone.tie_embeddings and deepone.qk_norm
+    assert 117e6 <= 125_355_136 <= 135e6
+    qwen3 = ModelConfig(**load_preset("qwen3_124m"))
+    assert (qwen3.d_model, qwen3.n_layer, qwen3.n_head, qwen3.n_kv_head, qwen3.d_ff) == (768, 16, 8, 2, 2048)
+    assert qwen3.tie_embeddings and qwen3.qk_norm and qwen3.rope_theta == 1e6
+    llama = ModelConfig(**load_preset("llama_30m"))
+    assert (llama.d_model, llama.n_layer, llama.n_head, llama.n_kv_head, llama.d_ff) == (512, 10, 8, 2, 1280)
+    assert llama.tie_embeddings and not llama.qk_norm
+
+
+def test_smoke_model_memorizes_a_batch():
+    """The smoke preset's model (vocab cut to 512 for speed) drives the loss on one repeated batch far below
+    ln(vocab) = 6.24."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**load_preset("smoke"), "vocab_size": 512, "block_size": 64}))
+    opt = model.configure_optimizer(weight_decay=0.1, lr=3e-3, betas=(0.9, 0.95), device_type="cpu")
+    seq = torch.randint(0, 512, (4, 65))
+    x, y = seq[:, :-1], seq[:, 1:]
+    doc = torch.zeros(4, 64, dtype=torch.long)
+    doc[:, 40:] = 1
+    for _ in range(100):
+        _, loss = model(x, y, doc_ids=doc)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * math.log(512)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lean head + loss
+
+@pytest.mark.parametrize("chunk_size", [7, 16, 1000])
+def test_lean_loss_matches_plain_cross_entropy(chunk_size):
+    torch.manual_seed(0)
+    h = torch.randn(50, 32, requires_grad=True)
+    w = torch.randn(V, 32, requires_grad=True)
+    targets = torch.randint(0, V, (50,))
+    targets[::4] = -100
+    want = F.cross_entropy(F.linear(h, w).float(), targets, ignore_index=-100)
+    want_gh, want_gw = torch.autograd.grad(want * 0.5, (h, w))  # a scaled loss, as with grad accumulation
+    got = LinearCrossEntropy(chunk_size)(h, w, targets)
+    got_gh, got_gw = torch.autograd.grad(got * 0.5, (h, w))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_gh, want_gh)
+    torch.testing.assert_close(got_gw, want_gw)
+    with torch.no_grad():
+        torch.testing.assert_close(LinearCrossEntropy(chunk_size)(h, w, targets), want)
+
+
+@pytest.mark.parametrize("family, tied", [("llama", True), ("deepone", False)])
+def test_model_loss_matches_logits_path(family, tied):
+    """The chunked loss of forward(idx, targets) equals cross-entropy on forward(idx)'s logits, in value and in
+    every gradient, the tied embedding/head matrix included."""
+    idx, doc = packed(T=64)
+    targets = idx.roll(-1, dims=1)
+    targets[:, ::5] = -100
+    lean, plain = (tiny(family, tie_embeddings=tied, loss_chunk_size=24) for _ in range(2))
+    assert (lean.lm_head.weight is lean.tok_emb.weight) == tied
+    _, loss = lean(idx, targets, doc_ids=doc)
+    logits, _ = plain(idx, doc_ids=doc)
+    want = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-100)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for (name, p), p_plain in zip(lean.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, p_plain.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation, utilities, errors
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_kv_cache_matches_no_cache(family):
+    model = tiny(family, block_size=16)  # 5 + 20 tokens: the window slides past block_size
+    prompt = torch.randint(0, V, (2, 5))
+    greedy = model.generate(prompt, 20, top_k=1)
+    assert greedy.shape == (2, 25) and torch.equal(greedy[:, :5], prompt)
+    assert torch.equal(greedy, model.generate(prompt, 20, top_k=1, use_kv_cache=False))
+    torch.manual_seed(1)
+    sampled = model.generate(prompt, 20, temperature=0.8, top_k=50)
+    torch.manual_seed(1)
+    assert torch.equal(sampled, model.generate(prompt, 20, temperature=0.8, top_k=50, use_kv_cache=False))
+
+
+def test_num_params_flops_and_optimizer():
+    model = tiny("qwen3", tie_embeddings=True)
+    cfg = model.config
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert model.num_params() == sum(unique.values())
+    assert model.num_params(non_embedding=True) == model.num_params() - V * 64
+    want = 6 * (model.num_params(non_embedding=True) + V * 64) + 12 * cfg.n_layer * 64 * 256 * 0.5
+    assert model.flops_per_token(256) == want
+    opt = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(unique)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(d_model=100, n_head=3), r"d_model=100 is not divisible by n_head=3"),
+    (dict(n_head=12, n_kv_head=5), r"n_head=12 is not divisible by n_kv_head=5"),
+    (dict(family="gpt2"), r"family='gpt2' is unknown; choose one of deepone, llama, qwen3"),
+    (dict(attn_impl="flash"), r"attn_impl='flash' is unknown; choose one of eager, sdpa, flex_attention, "
+                              r"flash_attention_2"),
+    (dict(d_model=60, n_head=4), r"head dim .* = 15 is odd"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+def test_config_defaults():
+    assert ModelConfig().n_kv_head == 12 and ModelConfig().d_ff == 2048
+    assert ModelConfig(family="deepone").qk_norm and ModelConfig(family="qwen3").qk_norm
+    assert not ModelConfig(family="llama").qk_norm
+    with pytest.raises(ValueError, match="block_size=32"):
+        tiny(block_size=32)(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where flash-attn cannot run")
+def test_flash_attention_2_without_cuda_is_a_clear_error():
+    with pytest.raises((RuntimeError, ImportError), match="flash_attention_2.*sdpa"):
+        tiny(attn_impl="flash_attention_2")
+
+
+def test_compile_layers_no_recompiles_across_batches():
+    """compile_layers: same losses as eager, unprefixed state_dict, no graph breaks, and new doc_ids in later
+    steps reuse the compiled graphs (a recompile raises)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    ref = tiny("deepone", "sdpa", n_layer=2, loss_chunk_size=100)
+    model = tiny("deepone", "sdpa", n_layer=2, loss_chunk_size=100).compile_layers()
+    assert not any("_orig_mod" in k for k in model.state_dict())
+    try:
+        for step in range(3):
+            idx, doc = packed(T=64, seed=step)
+            torch._dynamo.config.error_on_recompile = step > 0
+            _, loss = model(idx, idx, doc_ids=doc)
+            loss.backward()
+            _, want = ref(idx, idx, doc_ids=doc)
+            torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert not counters["graph_break"]
+    assert all(p.grad is not None for p in model.parameters())
