@@ -1,0 +1,74 @@
+"""
+Generate text from a trained checkpoint.
+
+    python sample.py --out_dir=out/smoke --start="Photosynthesis is" --num_samples=3 --max_new_tokens=200
+    python sample.py --out_dir=out/smoke                     # no start: begins a fresh document (<|endoftext|>)
+    python sample.py --out_dir=out/smoke --start=FILE:prompt.txt
+
+Reads the newest checkpoint in out_dir (or ckpt_path) with torch.load(weights_only=True), rebuilds the model from
+the model config stored in it, and prints num_samples continuations, each cut at the first <|endoftext|> it writes.
+"""
+
+import sys
+from contextlib import nullcontext
+
+import torch
+
+import checkpoint
+from configurator import configure
+from data import TOKENIZER
+from model import ModelConfig, Transformer
+
+# -----------------------------------------------------------------------------
+out_dir = "out"  # the run's directory: its newest checkpoint is used
+ckpt_path = ""  # a particular checkpoint file instead
+start = ""  # the prompt; '' = start a fresh document; 'FILE:path' reads the prompt from a file
+num_samples = 1
+max_new_tokens = 200
+temperature = 0.8  # 1.0 = the model's distribution; lower = more predictable
+top_k = 200  # sample among the k most likely tokens; 0 = all
+seed = 1337
+device = "auto"  # 'auto' | 'cuda' | 'cpu'
+attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) or a ModelConfig attn_impl
+# -----------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+cfg = configure(defaults, sys.argv[1:], choices={"device": ("auto", "cuda", "cpu")})
+globals().update(cfg)
+
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if device == "cuda" and not torch.cuda.is_available():
+    sys.exit("sample.py: device='cuda' but torch sees no GPU; use --device=cpu")
+path = ckpt_path or checkpoint.latest(out_dir)
+if not path:
+    sys.exit(f"sample.py: no checkpoint (ckpt-*.pt) in {out_dir}; train first, e.g. python train.py config/smoke.py")
+ckpt = checkpoint.load(path)
+model_config = ModelConfig(**{**ckpt["model_config"],
+                              "attn_impl": attn_impl if attn_impl != "auto" else
+                              ("flex_attention" if device == "cuda" else "sdpa")})
+model = Transformer(model_config)
+model.load_state_dict(ckpt["model"])
+model.to(device).eval()
+print(f"{path}: step {ckpt['step']}, {ckpt['tokens_seen']:,} tokens seen", file=sys.stderr)
+del ckpt
+
+import tiktoken  # noqa: E402  (after the checks above, so that a missing checkpoint is reported first)
+
+enc = tiktoken.get_encoding(TOKENIZER)
+if start.startswith("FILE:"):
+    with open(start[5:], encoding="utf-8") as f:
+        start = f.read()
+prompt = [enc.eot_token] + enc.encode_ordinary(start)  # training documents open with <|endoftext|> too
+idx = torch.tensor([prompt], dtype=torch.long, device=device)
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+torch.manual_seed(seed)
+with torch.no_grad(), autocast:
+    for i in range(num_samples):
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None)[0, len(prompt):]
+        new = out.tolist()
+        if enc.eot_token in new:
+            new = new[:new.index(enc.eot_token)]
+        new = [t for t in new if t < enc.n_vocab]  # ids of the padded vocab rows have no text
+        print(start + enc.decode(new))
+        print("---------------")

@@ -1,0 +1,344 @@
+"""train.py and sample.py as users run them: real processes, real torchrun with 2 gloo ranks on the CPU, real files.
+
+The model is tiny (2 layers, d_model 32, GPT-2 vocab) and the data is conftest's prepared_data, so a step takes
+milliseconds and most of the time goes to starting processes. Runs are shared where one run can show several things:
+the 2-rank baseline (`base2`) is checked for learning and rank agreement and is also the uninterrupted reference for
+the resume, dispatch and grad-accumulation runs.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+from conftest import ROOT, run_prepare, write_hub_layout
+from data import count_tokens
+
+TINY = ["--n_layer=2", "--n_head=2", "--d_model=32", "--block_size=64", "--compile=False", "--warmup_tokens=512",
+        "--lr=3e-3", "--min_lr=3e-4", "--log_interval=1", "--eval_iters=2", "--log_checksums=True"]
+# 2 ranks x batch 2 x grad_accum 2 x 64 tokens = 512 tokens per step; 8 steps
+BASE2 = TINY + ["--batch_size=2", "--grad_accum=2", "--train_tokens=4096", "--warmup_tokens=1024", "--eval_interval=4",
+                "--save_interval=4"]
+
+
+def command(ranks, script="train.py"):
+    if ranks is None:
+        return [sys.executable, script]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", script]
+
+
+def run(args, ranks=None, script="train.py", timeout=120, env=None):
+    """Run train.py (single process, or torchrun with `ranks` ranks) to completion; returns the CompletedProcess."""
+    return subprocess.run(command(ranks, script) + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def train(out_dir, data, *args, ranks=None, ok=True, **kw):
+    proc = run([f"--data_dir={data}", f"--out_dir={out_dir}", *args], ranks=ranks, **kw)
+    if ok:
+        assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def records(out_dir, key="loss"):
+    """log.jsonl records carrying `key`, by step (a later record for the same step wins, as after a resume)."""
+    lines = (Path(out_dir) / "log.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if key in r}
+
+
+def assert_one_clear_error(proc, *fragments):
+    assert proc.returncode != 0
+    for fragment in fragments:
+        assert fragment in proc.stdout + proc.stderr, f"{fragment!r} not in:\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def base2(prepared_data, tmp_path_factory):
+    """The 2-rank baseline: 8 uninterrupted steps with grad_accum=2, checkpoints at 4 and 8."""
+    out = tmp_path_factory.mktemp("base2")
+    train(out, prepared_data, *BASE2, ranks=2)
+    return out
+
+
+def test_two_ranks_learn_and_keep_identical_weights(base2):
+    steps = records(base2)
+    assert sorted(steps) == list(range(1, 9))
+    losses = [steps[s]["loss"] for s in range(1, 9)]
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns: ln(50304) = 10.8 falls fast on repetitive text
+    for s, r in steps.items():
+        a, b = r["param_checksum"]
+        assert a == b, f"the ranks' weights differ after step {s}"
+        assert r["batch_checksum"][0] != r["batch_checksum"][1]  # ... though each rank read different data
+        assert r["tokens"] == 512 * s and math.isfinite(r["grad_norm"]) and r["tokens_per_sec"] > 0
+    assert len({r["param_checksum"][0] for r in steps.values()}) == 8  # and the weights do change every step
+    lrs = [steps[s]["lr"] for s in range(1, 9)]
+    peak = 3e-3 * math.sqrt(2 * 2 * 2)  # lr scaled by sqrt(batch_size x grad_accum x world_size)
+    assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == pytest.approx(peak) and lrs[1] > lrs[4] > lrs[7]
+    evals = records(base2, key="val_loss/cosmopedia-v2")
+    assert sorted(evals) == [4, 8]
+    for r in evals.values():
+        assert math.isfinite(r["val_loss/fineweb-edu-dedup"])
+    assert evals[8]["val_loss/cosmopedia-v2"] < evals[4]["val_loss/cosmopedia-v2"]
+
+
+def test_checkpoint_format(base2):
+    assert [Path(p).name for p in checkpoint.all_checkpoints(str(base2))] == ["ckpt-00000004.pt", "ckpt-00000008.pt"]
+    ckpt = torch.load(base2 / "ckpt-00000008.pt", weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["tokens_seen"] == 4096 and ckpt["world_size"] == 2
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
+    assert ckpt["model_config"]["d_model"] == 32 and ckpt["config"]["grad_accum"] == 2
+    assert [s["rank"] for s in ckpt["data_states"]] == [0, 1]
+    assert len(ckpt["rng_states"]) == 2 and isinstance(ckpt["rng_states"][1]["torch"], torch.Tensor)
+    assert "state" in ckpt["optimizer"] and "param_groups" in ckpt["optimizer"]
+
+
+def test_dispatch_then_exact_resume_with_two_ranks(base2, prepared_data, tmp_path):
+    # Steps 1-3 with rank 0 reading all data and scattering it: each rank gets the batches it would have read.
+    proc = train(tmp_path, prepared_data, *BASE2, "--dispatch_batches=True", "--max_steps=3", ranks=2)
+    assert "saved" in proc.stdout and sorted(records(tmp_path)) == [1, 2, 3]  # stopped early, after a checkpoint
+    assert checkpoint.latest(str(tmp_path)).endswith("ckpt-00000003.pt")
+    base = records(base2)
+    for s, r in records(tmp_path).items():
+        assert r["batch_checksum"] == base[s]["batch_checksum"], f"dispatched batches differ at step {s}"
+        assert r["loss"] == base[s]["loss"] and r["param_checksum"] == base[s]["param_checksum"]
+    # Resume without dispatch: the same losses and weights as the uninterrupted run, bit for bit, to its end.
+    proc = train(tmp_path, prepared_data, *BASE2, ranks=2)
+    assert "resuming from" in proc.stdout and "step 3" in proc.stdout
+    resumed = records(tmp_path)
+    assert sorted(resumed) == list(range(1, 9))
+    for s in range(4, 9):
+        assert resumed[s]["loss"] == base[s]["loss"], f"step {s}: {resumed[s]['loss']} != {base[s]['loss']}"
+        assert resumed[s]["param_checksum"] == base[s]["param_checksum"]
+        assert resumed[s]["lr"] == base[s]["lr"]
+    assert records(tmp_path, "val_loss/cosmopedia-v2")[8] == records(base2, "val_loss/cosmopedia-v2")[8]
+
+
+def test_grad_accumulation_equals_the_larger_batch(base2, prepared_data, tmp_path):
+    # 2 ranks x batch 4 x 1 micro-step reads the same rows as 2 ranks x batch 2 x 2 micro-steps (with no_sync).
+    train(tmp_path, prepared_data, *BASE2, "--batch_size=4", "--grad_accum=1", "--max_steps=4", ranks=2)
+    base = records(base2)
+    for s, r in records(tmp_path).items():
+        assert r["lr"] == base[s]["lr"]  # sqrt(4 x 1 x 2) == sqrt(2 x 2 x 2)
+        assert r["loss"] == pytest.approx(base[s]["loss"], rel=1e-5, abs=0)
+        assert r["grad_norm"] == pytest.approx(base[s]["grad_norm"], rel=1e-4, abs=0), f"gradients differ at step {s}"
+
+
+def test_exact_resume_with_one_rank(prepared_data, tmp_path):
+    args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--save_interval=100"]
+    train(tmp_path / "a", prepared_data, *args)
+    train(tmp_path / "b", prepared_data, *args, "--max_steps=2")
+    assert sorted(records(tmp_path / "b")) == [1, 2]
+    train(tmp_path / "b", prepared_data, *args)
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]
+    assert a[6]["param_checksum"] == b[6]["param_checksum"]
+    # the end of the schedule evaluates and saves; a rerun has nothing left to do
+    assert sorted(records(tmp_path / "b", "val_loss/cosmopedia-v2")) == [6]
+    proc = train(tmp_path / "b", prepared_data, *args)
+    assert "schedule is complete" in proc.stdout
+
+
+def worker_pids(torchrun_pid):
+    """{rank: pid} of torchrun's worker processes."""
+    pids = {}
+    for task in Path(f"/proc/{torchrun_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                pids[rank] = int(pid)
+    return pids
+
+
+def wait_for(predicate, timeout, proc, what):
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py exited ({proc.returncode}) before {what}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def start(out_dir, data, *args, ranks=None):
+    """Start train.py in the background; its output goes to out_dir/../stdout.txt (a pipe could fill up)."""
+    with open(Path(out_dir).parent / "stdout.txt", "w") as f:
+        return subprocess.Popen(command(ranks) + [f"--data_dir={data}", f"--out_dir={out_dir}", *args], cwd=ROOT,
+                                stdout=f, stderr=subprocess.STDOUT, text=True)
+
+
+def output(out_dir):
+    return (Path(out_dir).parent / "stdout.txt").read_text()
+
+
+def logged_steps(out_dir):
+    path = Path(out_dir) / "log.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_sigterm_on_one_rank_saves_and_exits_0(prepared_data, tmp_path):
+    out = tmp_path / "run"
+    args = TINY + ["--batch_size=2", "--train_tokens=10000000", "--eval_interval=0", "--save_interval=100000"]
+    proc = start(out, prepared_data, *args, ranks=2)
+    try:
+        wait_for(lambda: logged_steps(out) >= 3, 60, proc, "3 logged steps")
+        os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)  # preempt rank 1 only: rank 0 must stop with it
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    text = output(out)
+    assert proc.returncode == 0, text[-3000:]
+    assert "stopping on a signal on another rank after step" in text
+    last = max(records(out))
+    assert checkpoint.latest(str(out)).endswith(f"ckpt-{last:08d}.pt")
+    ckpt = checkpoint.load(checkpoint.latest(str(out)))
+    assert ckpt["step"] == last and len(ckpt["data_states"]) == 2
+
+
+def test_sigint_single_process_saves_and_exits_0(prepared_data, tmp_path):
+    out = tmp_path / "run"
+    args = TINY + ["--batch_size=2", "--train_tokens=10000000", "--eval_interval=0", "--save_interval=100000"]
+    proc = start(out, prepared_data, *args)
+    try:
+        wait_for(lambda: logged_steps(out) >= 2, 60, proc, "2 logged steps")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    text = output(out)
+    assert proc.returncode == 0, text[-3000:]
+    assert "stopping on SIGINT after step" in text
+    assert checkpoint.latest(str(out)).endswith(f"ckpt-{max(records(out)):08d}.pt")
+
+
+def test_kill_9_during_save_keeps_the_previous_checkpoint(prepared_data, tmp_path):
+    out = tmp_path / "run"
+    args = TINY + ["--batch_size=2", "--train_tokens=10000000", "--eval_interval=0", "--save_interval=1",
+                   "--keep_last=2", "--log_checksums=False"]
+    proc = start(out, prepared_data, *args)
+    try:
+        wait_for(lambda: len(checkpoint.all_checkpoints(str(out))) == 2, 60, proc, "two checkpoints")
+        for attempt in range(200):  # freeze the process while it writes a checkpoint, then kill it there
+            wait_for(lambda: any(out.glob("*.pt.tmp")), 30, proc, "a checkpoint being written")
+            proc.send_signal(signal.SIGSTOP)
+            if any(out.glob("*.pt.tmp")):
+                break
+            proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    partial = list(out.glob("*.pt.tmp"))
+    assert len(partial) == 1, "the process was not stopped mid-save"
+    previous = checkpoint.latest(str(out))
+    assert len(checkpoint.all_checkpoints(str(out))) == 2  # keep_last
+    step = int(Path(previous).name[5:13])
+    ckpt = checkpoint.load(previous)
+    assert ckpt["step"] == step and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    # resuming picks the complete checkpoint, ignores the partial one, and clears it at the next save
+    proc = train(out, prepared_data, *args, f"--max_steps={step + 2}")
+    assert f"resuming from {previous}: step {step}" in proc.stdout
+    assert not list(out.glob("*.pt.tmp"))
+    assert checkpoint.latest(str(out)).endswith(f"ckpt-{step + 2:08d}.pt")
+    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, step + 3))  # the killed run's records past its checkpoint are gone: no step twice
+
+
+def test_non_finite_loss_stops_without_saving(prepared_data, tmp_path):
+    # An absurd LR blows the weights up after one step; step 2's loss is NaN and must never reach a checkpoint.
+    args = TINY + ["--batch_size=2", "--train_tokens=4096", "--eval_interval=0", "--save_interval=1",
+                   "--lr=1e30", "--min_lr=0", "--warmup_tokens=0"]
+    proc = train(tmp_path, prepared_data, *args, ok=False)
+    assert_one_clear_error(proc, "non-finite loss", "at step 2", "last good checkpoint is", "ckpt-00000001.pt")
+    assert [Path(p).name for p in checkpoint.all_checkpoints(str(tmp_path))] == ["ckpt-00000001.pt"]
+
+
+def test_adafactor_and_bf16_autocast_on_cpu(prepared_data, tmp_path):
+    args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--optimizer=adafactor",
+                   "--dtype=bfloat16", "--lr=0.1", "--min_lr=0.01", "--warmup_tokens=0"]
+    proc = train(tmp_path, prepared_data, *args, "--max_steps=3")
+    assert "bfloat16" in proc.stdout
+    train(tmp_path, prepared_data, *args)  # resumes Adafactor's state from the checkpoint
+    steps = records(tmp_path)
+    assert sorted(steps) == list(range(1, 7)) and steps[6]["loss"] < steps[1]["loss"]
+    state = torch.load(checkpoint.latest(str(tmp_path)), weights_only=True)["optimizer"]["state"]
+    assert "row_var" in state[0] or "variance" in state[0]  # Adafactor's factored second moments
+
+
+def test_save_per_epoch_and_step_cadence(tmp_path):
+    # a corpus of ~2.5k train tokens: at 4 x 64 = 256 tokens a step, the train data wraps after about 10 steps
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [6], "fineweb-edu-dedup": [6]}, seed=2, words=(150, 250))
+    run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "data", "--val-docs", 1, "--workers", 1)
+    steps_per_epoch = count_tokens(tmp_path / "data") / 256
+    assert 6 < steps_per_epoch < 14
+    args = TINY + ["--batch_size=4", "--train_tokens=4096", "--eval_interval=0", "--save_strategy=epoch",
+                   "--log_interval=4", "--step_cadence=0.5", "--log_checksums=False"]
+    train(tmp_path / "out", tmp_path / "data", *args)
+    saved = [int(Path(p).name[5:13]) for p in checkpoint.all_checkpoints(str(tmp_path / "out"))]
+    assert len(saved) == 2 and saved[0] == math.ceil(steps_per_epoch) and saved[1] == 16, saved  # epoch end, run end
+    assert [s["epoch"] for s in checkpoint.load(checkpoint.latest(str(tmp_path / "out")))["data_states"]] == [1]
+    assert sorted(records(tmp_path / "out")) == list(range(2, 17, 2))  # log_interval 4 x step_cadence 0.5
+
+
+def test_resume_refusals(base2, prepared_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(base2 / "ckpt-00000004.pt", out)
+    # a different model
+    proc = train(out, prepared_data, *BASE2, "--d_model=64", ok=False)
+    assert_one_clear_error(proc, "holds a different model", "d_model: checkpoint 32, this run 64", "--init_from=scratch")
+    # a different world size while restoring the per-rank data positions
+    proc = train(out, prepared_data, *BASE2, ok=False)
+    assert_one_clear_error(proc, "written by 2 ranks and this run has 1", "--restore_data_state=False")
+    # ... which goes on with the weights, optimizer and schedule when the data streams may start afresh
+    proc = train(out, prepared_data, *BASE2, "--restore_data_state=False", "--max_steps=5")
+    assert "resuming from" in proc.stdout and sorted(records(out)) == [5]
+    assert records(out)[5]["tokens"] == 4 * 512 + 256  # 1 rank now: half the tokens per step
+    # resume asked for, nothing to resume; scratch asked for, checkpoints of another run in the way
+    proc = train(tmp_path / "empty", prepared_data, *BASE2, "--init_from=resume", ok=False)
+    assert_one_clear_error(proc, "init_from='resume' but", "has no checkpoint")
+    proc = train(out, prepared_data, *BASE2, "--init_from=scratch", ok=False)
+    assert_one_clear_error(proc, "init_from='scratch' but", "already holds checkpoints", "Use another --out_dir")
+
+
+def test_config_errors_and_dry_run(prepared_data, tmp_path):
+    proc = run(["--batchsize=4"])
+    assert_one_clear_error(proc, "unknown key 'batchsize'", "did you mean batch_size")
+    # (the other configurator errors are in test_configurator.py; train.py passes them through the same way)
+    proc = run(["--init_from=latest"])
+    assert_one_clear_error(proc, "init_from='latest'", "is not one of 'scratch', 'resume', 'auto'")
+    proc = run([f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}"])
+    assert_one_clear_error(proc, "no prepared data in")
+    fake = tmp_path / "fake_site" / "wandb"  # make sure `import wandb` fails, installed or not
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no wandb here')\n")
+    proc = run([f"--data_dir={prepared_data}", f"--out_dir={tmp_path / 'out'}", *BASE2, "--wandb_log=True"], env={**os.environ, "PYTHONPATH": str(fake.parent)})
+    assert_one_clear_error(proc, "wandb_log=True but wandb is not installed")
+    proc = run([f"--data_dir={prepared_data}", *BASE2, "--dry_run=True", f"--out_dir={tmp_path / 'dry'}"])
+    assert proc.returncode == 0, proc.stderr
+    for line in ("  grad_accum = 2", "  lr = 0.003", "parameters", "world size 1 on cpu",
+                 "tokens per step: 2 seqs x 64 tokens x grad_accum 2 x 1 ranks = 256",
+                 "lr: 0.003 x sqrt(4) = 6.000e-03 peak", "cosine to 4,096 tokens = 16 steps"):
+        assert line in proc.stdout, f"{line!r} not in\n{proc.stdout}"
+    assert not (tmp_path / "dry").exists()  # a dry run writes nothing
+
+
+def test_sample_prints_text(base2):
+    proc = run([f"--out_dir={base2}", "--start=The water", "--num_samples=2", "--max_new_tokens=8"], script="sample.py")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("The water") == 2 and "ckpt-00000008.pt: step 8" in proc.stderr
+    proc = run([f"--out_dir={base2}", "--max_new_tokens=4", "--temperature=0"], script="sample.py")
+    assert proc.returncode == 0, proc.stderr
+    proc = run(["--out_dir=/nonexistent/run"], script="sample.py")
+    assert_one_clear_error(proc, "no checkpoint (ckpt-*.pt) in /nonexistent/run")

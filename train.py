@@ -1,0 +1,579 @@
+"""
+Pretrain a small LLM on SmolLM-Corpus: one device (CPU included) or all GPUs of a node with DDP.
+
+Single device (the GPU if there is one, else the CPU):
+    python train.py config/smoke.py
+All 8 GPUs of one node:
+    torchrun --standalone --nproc_per_node=8 train.py config/deepone.py --lr=1e-4
+Chosen GPUs of one node (here 3 of them):
+    CUDA_VISIBLE_DEVICES=0,1,3 torchrun --standalone --nproc_per_node=3 train.py config/deepone.py
+Check a configuration without training (prints config, model size, tokens per step, LR, planned steps):
+    python train.py config/deepone.py --dry_run=True
+
+Configuration: the defaults below, then the config files and --key=value overrides on the command line, in order
+(configurator.py). Reads data_dir (written by prepare.py). Writes out_dir/ckpt-NNNNNNNN.pt (the newest keep_last of
+them; see checkpoint.py) and out_dir/log.jsonl, one JSON object a line: training records {"step", "loss" (mean over
+ranks and micro-steps), "lr", "grad_norm", "tokens_per_sec", "mfu", ...}, validation records {"step",
+"val_loss/<subset>"}. A resume drops the records of steps after its checkpoint, so the file reads as one run.
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) on any rank makes every rank finish its step, save a checkpoint and exit 0; run
+the same command again to continue (init_from='auto' resumes from the newest checkpoint in out_dir). torchrun forwards
+a signal it gets to the workers and kills them 30 s later: give a large model more time with torchrun's
+--shutdown-timeout=300. SIGQUIT (Ctrl+backslash) stops at once, without a checkpoint. A non-finite loss stops the
+run with exit status 1 before the optimizer step, so no checkpoint ever holds NaN weights.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+from configurator import configure
+from data import PackedLoader, count_tokens, read_meta
+from model import ModelConfig, Transformer
+
+# -----------------------------------------------------------------------------
+# default config values
+# I/O
+out_dir = "out"
+init_from = "auto"  # 'scratch' | 'resume' | 'auto' (resume when out_dir has a checkpoint, else scratch)
+save_strategy = "steps"  # periodic checkpoints: 'steps' (every save_interval) | 'epoch' (train data wrapped) | 'no'
+save_interval = 1000  # steps between checkpoints; the end of the run, max_steps and SIGTERM always save
+keep_last = 3  # checkpoints kept in out_dir; older ones are deleted
+eval_interval = 1000  # steps between validation passes (0 = only at the end of the schedule)
+eval_iters = 20  # validation batches per rank and subset: the same fixed blocks every time
+log_interval = 10  # steps between log lines and log.jsonl records
+step_cadence = 1.0  # multiplies log/eval/save intervals, e.g. 0.25 after making each step 4x larger
+log_checksums = False  # log records carry per-rank parameter and batch checksums (for tests and debugging)
+wandb_log = False  # also log to Weights & Biases (pip install wandb)
+wandb_project = "smoltrain"
+wandb_run_name = ""  # '' = the name of out_dir
+dry_run = False  # print the resolved config and the plan, then exit
+# data
+data_dir = "data/smollm"
+batch_size = 8  # sequences per device per micro-step
+grad_accum = 1  # micro-steps per optimizer step, used to simulate larger batches
+block_size = 4096  # tokens per sequence, and the model's maximum length
+restore_data_state = True  # on resume, each rank's data stream continues where it stopped
+dispatch_batches = False  # rank 0 reads every rank's batches and sends them out (the same batches as reading locally)
+# model: the fields of model.ModelConfig (block_size above is the model's too)
+family = "deepone"
+vocab_size = 50304  # GPT-2's 50257 tokens, padded to a multiple of 64
+n_layer = 12
+n_head = 12
+n_kv_head = None  # None = n_head
+d_model = 768
+d_ff = None  # None = the family's default
+rope_theta = 10000.0
+norm_eps = 1e-6
+tie_embeddings = False
+qk_norm = None  # None = the family's default
+attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) | 'eager' | 'sdpa' | 'flex_attention' | 'flash_attention_2'
+loss_chunk_size = 4096  # rows of hidden states per chunk of the fused head + cross-entropy
+# optimizer
+optimizer = "adamw"  # 'adamw' (model.configure_optimizer, fused on CUDA) | 'adafactor' (torch.optim.Adafactor)
+lr = 1e-4  # peak LR for a global batch of ONE sequence; scaled by sqrt(batch_size * grad_accum * world_size)
+min_lr = 1e-5  # LR at the end of the cosine, same units as lr (scaled the same way)
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
+# LR schedule (in tokens, so that it survives a change of batch size or world size on resume)
+warmup_tokens = 100_000_000  # linear warmup from 0 to the peak LR
+train_tokens = 0  # tokens the schedule spans (cosine ends here); 0 = one epoch of the prepared train data
+max_steps = 0  # stop after this step, with a checkpoint, without changing the schedule; 0 = run to the end
+# DDP
+backend = "auto"  # 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
+# system
+device = "auto"  # 'auto' (cuda if available) | 'cuda' | 'cpu' (cpu = no accelerator)
+dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'bfloat16' | 'float32'
+compile = True  # torch.compile the model's layers (model.compile_layers), before the DDP wrap
+peak_tflops = 0.0  # one device's dense bf16 peak for MFU; 0 = look up the GPU's name
+seed = 1337
+# -----------------------------------------------------------------------------
+CHOICES = {
+    "init_from": ("scratch", "resume", "auto"), "save_strategy": ("steps", "epoch", "no"),
+    "device": ("auto", "cuda", "cpu"), "backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "bfloat16", "float32"),
+    "optimizer": ("adamw", "adafactor"),
+    "attn_impl": ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2"),
+}
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))]
+cfg = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], choices=CHOICES)
+globals().update(cfg)  # the resolved values replace the defaults above; cfg is saved in every checkpoint
+# -----------------------------------------------------------------------------
+
+ddp = "RANK" in os.environ  # launched by torchrun
+rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+world_size = int(os.environ.get("WORLD_SIZE", 1))
+master = rank == 0  # rank 0 logs, evaluates the averages and writes checkpoints
+
+
+def print0(*args):
+    if master:
+        print(*args, flush=True)
+
+
+def die(message):
+    """Stop with one message (printed by rank 0; every rank reaches the same verdict) and exit status 1."""
+    print0(f"train.py: {message}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+# device, precision, distributed backend
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if device == "cuda" and not torch.cuda.is_available():
+    die("device='cuda' but torch sees no GPU (a CPU build of torch, or CUDA_VISIBLE_DEVICES empty); use --device=cpu")
+if backend == "auto":
+    backend = "nccl" if device == "cuda" else "gloo"
+if backend == "nccl" and device == "cpu":
+    die("backend='nccl' needs GPUs; on the CPU use --backend=gloo (or leave backend='auto')")
+if dtype == "auto":
+    dtype = "bfloat16" if device == "cuda" else "float32"
+if attn_impl == "auto":
+    attn_impl = "flex_attention" if device == "cuda" else "sdpa"  # flex_attention has no backward on the CPU
+if min(batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval, save_interval) < 1:
+    die("batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval and save_interval must be >= 1")
+if min(max_steps, train_tokens, warmup_tokens, eval_interval, grad_clip, step_cadence) < 0 or step_cadence == 0:
+    die("max_steps, train_tokens, warmup_tokens, eval_interval and grad_clip must be >= 0, step_cadence > 0")
+if min_lr > lr:
+    die(f"min_lr={min_lr} is above lr={lr}; the cosine decays from lr down to min_lr")
+if wandb_log and master:
+    try:
+        import wandb
+    except ImportError:
+        die("wandb_log=True but wandb is not installed: pip install wandb, or drop --wandb_log=True")
+
+try:
+    model_config = ModelConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig)} | {"attn_impl": attn_impl})
+except (TypeError, ValueError) as e:
+    die(f"bad model config: {e}")
+
+# the plan: batch, learning rate, schedule length
+tokens_per_step = batch_size * block_size * grad_accum * world_size
+lr_scale = math.sqrt(batch_size * grad_accum * world_size)  # lr is for a global batch of one sequence
+peak_lr, final_lr = lr * lr_scale, min_lr * lr_scale
+if train_tokens == 0 and not (dry_run and not os.path.exists(os.path.join(data_dir, "meta.json"))):
+    train_tokens = count_tokens(data_dir, "train")  # one epoch; a dry run without data leaves it unknown
+planned_steps = math.ceil(train_tokens / tokens_per_step)
+log_every, eval_every, save_every = (max(1, round(i * step_cadence)) for i in (log_interval, eval_interval, save_interval))
+
+
+def describe_plan(n_params):
+    accum = f" x grad_accum {grad_accum}" if grad_accum > 1 else ""
+    stop = f", stopping early after step {max_steps}" if max_steps else ""
+    return "\n".join([
+        f"model: {n_params / 1e6:.2f}M parameters, {model_config}",
+        f"world size {world_size} on {device} ({backend if ddp else 'no DDP'}), {dtype}, compile={compile}",
+        f"tokens per step: {batch_size} seqs x {block_size} tokens{accum} x {world_size} ranks = {tokens_per_step:,}",
+        f"lr: {lr:g} x sqrt({batch_size * grad_accum * world_size}) = {peak_lr:.3e} peak, min_lr -> {final_lr:.3e}",
+        f"schedule: warmup {warmup_tokens:,} tokens ({math.ceil(warmup_tokens / tokens_per_step)} steps), cosine to "
+        f"{train_tokens:,} tokens = {planned_steps} steps{stop}",
+    ] + ([f"warning: warmup_tokens={warmup_tokens:,} >= train_tokens: the LR never reaches its peak"]
+         if warmup_tokens >= train_tokens else []))
+
+
+if dry_run:
+    if master:
+        print("config:\n" + "\n".join(f"  {k} = {cfg[k]!r}" for k in config_keys))
+        with torch.device("meta"):  # sizes without allocating the weights
+            n_params = Transformer(model_config).num_params()
+        if train_tokens == 0:
+            print(f"(no prepared data in {data_dir}: train_tokens unknown)")
+        print(describe_plan(n_params))
+    sys.exit(0)
+if train_tokens == 0:
+    die(f"train_tokens=0: the prepared data in {data_dir} has no train tokens")
+if read_meta(data_dir)["vocab_size"] > vocab_size:
+    die(f"vocab_size={vocab_size} is below the {read_meta(data_dir)['vocab_size']} tokens of the data's tokenizer")
+
+if ddp:
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, device_id=torch.device("cuda", local_rank) if device == "cuda" else None)
+device = f"cuda:{local_rank}" if device == "cuda" else "cpu"
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+    torch.backends.cudnn.allow_tf32 = True
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+torch.manual_seed(seed)  # one seed: every rank builds the same initial weights
+
+# preemption: a signal only raises a flag; the ranks agree on stopping once per step (see the loop)
+stop_signal = 0
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    stop_signal = signum  # no abort on a second SIGINT: torchrun forwards the Ctrl-C the workers already got
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+
+# -----------------------------------------------------------------------------
+# resume: find and check the checkpoint before building anything
+os.makedirs(out_dir, exist_ok=True)
+ckpt_path = checkpoint.latest(out_dir)
+if init_from == "resume" and ckpt_path is None:
+    die(f"init_from='resume' but {out_dir} has no checkpoint (ckpt-*.pt); use --init_from=scratch or auto")
+if init_from == "scratch" and ckpt_path:
+    die(f"init_from='scratch' but {out_dir} already holds checkpoints (newest {ckpt_path}): a new run there would mix "
+        f"with them. Use another --out_dir, or delete them (or --init_from=auto to continue that run)")
+ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
+
+
+def check_checkpoint(ckpt):
+    """Refuse a checkpoint that this run cannot continue, saying what differs and what to do."""
+    wanted = dataclasses.asdict(model_config)
+    differ = [f"{k}: checkpoint {v!r}, this run {wanted.get(k)!r}" for k, v in ckpt["model_config"].items()
+              if k != "attn_impl" and wanted.get(k) != v]  # attn_impl is a runtime choice, not the weights
+    if differ:
+        die(f"checkpoint {ckpt_path} holds a different model:\n  " + "\n  ".join(differ) + "\n"
+            f"Give the same model settings as the run that wrote it (e.g. the same config file), or train a new model "
+            f"with --init_from=scratch and another --out_dir.")
+    if ckpt["config"]["optimizer"] != optimizer:
+        die(f"checkpoint {ckpt_path} holds {ckpt['config']['optimizer']} state and this run asks for "
+            f"--optimizer={optimizer}; keep --optimizer={ckpt['config']['optimizer']}, or --init_from=scratch "
+            f"with another --out_dir.")
+    if restore_data_state and ckpt["world_size"] != world_size:
+        die(f"checkpoint {ckpt_path} was written by {ckpt['world_size']} ranks and this run has {world_size}: the "
+            f"data positions are per rank. Relaunch with {ckpt['world_size']} ranks, or pass --restore_data_state=False "
+            f"to keep the weights, optimizer and schedule but start the data streams afresh.")
+
+
+if ckpt:
+    check_checkpoint(ckpt)
+
+# -----------------------------------------------------------------------------
+# data: each rank reads its own stream; with dispatch_batches rank 0 reads all of them and scatters the batches
+
+
+def make_loaders(split, subset=None):
+    """The loaders this rank reads: its own, or with dispatch_batches every rank's on rank 0 and none elsewhere."""
+    ranks = (range(world_size) if master else []) if dispatch_batches else [rank]
+    on = None if dispatch_batches else device
+    return [PackedLoader(data_dir, split, block_size, batch_size, rank=r, world_size=world_size, seed=seed,
+                         subset=subset, device=on) for r in ranks]
+
+
+def next_batch(loaders):
+    """This rank's (x, y, doc_ids): read locally, or received from rank 0 with dispatch_batches."""
+    if not dispatch_batches:
+        return loaders[0].next_batch()
+    batch = torch.empty(3, batch_size, block_size, dtype=torch.long, device=device)
+    chunks = [torch.stack(loader.next_batch()).to(device) for loader in loaders] if master else None
+    if ddp:
+        dist.scatter(batch, chunks, src=0)
+    else:
+        batch = chunks[0]
+    return batch[0], batch[1], batch[2]
+
+
+train_loaders = make_loaders("train")
+subsets = train_loaders[0].subsets if train_loaders else None
+if dispatch_batches and ddp:
+    shared = [subsets]
+    dist.broadcast_object_list(shared, src=0)  # the other ranks read no data, so they learn the subsets from rank 0
+    subsets = shared[0]
+
+# -----------------------------------------------------------------------------
+# model, optimizer, compile, DDP wrap
+model = Transformer(model_config)
+if ckpt:
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # same config, different parameters: model.py changed since the checkpoint
+        die(f"checkpoint {ckpt_path} does not fit this model.py: {str(e).splitlines()[0]} "
+            f"(has model.py changed since?); use the code that wrote it, or --init_from=scratch")
+model.to(device)
+
+
+def make_optimizer(model):
+    adamw = model.configure_optimizer(weight_decay, peak_lr, (beta1, beta2), device_type)
+    if optimizer == "adamw":
+        return adamw
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in adamw.param_groups]
+    return torch.optim.Adafactor(groups, lr=peak_lr)  # same decay / no-decay split as AdamW
+
+
+opt = make_optimizer(model)
+if ckpt:
+    opt.load_state_dict(ckpt["optimizer"])
+if compile:
+    model.compile_layers()  # in place, so state_dict keys keep their names
+ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else model
+
+# -----------------------------------------------------------------------------
+# what a checkpoint carries besides weights and optimizer: the step, the tokens seen (the LR schedule's position),
+# every rank's data position and RNG states
+
+
+def rng_state():
+    """This rank's RNG states as tensors and plain values, so that the checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+            "python": list(random.getstate()),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    if device_type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+step, tokens_seen = 0, 0
+if ckpt:
+    step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
+    if restore_data_state:
+        for loader in train_loaders:
+            loader.load_state_dict(ckpt["data_states"][loader.rank])
+    if rank < len(ckpt["rng_states"]):  # (after a world size change, the new ranks keep their fresh seed)
+        set_rng_state(ckpt["rng_states"][rank])
+    print0(f"resuming from {ckpt_path}: step {step}, {tokens_seen:,} tokens seen")
+    del ckpt
+planned_steps = step + math.ceil(max(0, train_tokens - tokens_seen) / tokens_per_step)  # batch size may have changed
+
+
+def gather(obj):
+    """Every rank's obj as a list on rank 0 (None elsewhere)."""
+    if not ddp:
+        return [obj]
+    out = [None] * world_size if master else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def save_checkpoint():
+    if dispatch_batches:  # rank 0 holds every rank's loader
+        data_states = [loader.state_dict() for loader in train_loaders] if master else None
+    else:
+        data_states = gather(train_loaders[0].state_dict())
+    rng_states = gather(rng_state())
+    if master:
+        state = {
+            "model": {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "step": step, "tokens_seen": tokens_seen,
+            "model_config": dataclasses.asdict(model_config), "config": cfg, "world_size": world_size,
+            "data_states": data_states, "rng_states": rng_states,
+        }
+        path = checkpoint.save(state, out_dir, step, keep_last)
+        print0(f"saved {path}")
+
+
+# -----------------------------------------------------------------------------
+# eval helper, LR schedule, logging helpers
+
+
+@torch.no_grad()
+def evaluate():
+    """Validation loss per subset on fixed val blocks (a fresh val loader each time), averaged over ranks."""
+    model.eval()
+    losses = {}
+    for subset in subsets:
+        loaders = make_loaders("val", subset)
+        total = torch.zeros((), device=device)
+        for _ in range(eval_iters):
+            x, y, doc_ids = next_batch(loaders)
+            with autocast:
+                _, loss = model(x, y, doc_ids)
+            total += loss.float()
+        if ddp:
+            dist.all_reduce(total)
+        losses[f"val_loss/{subset}"] = total.item() / (eval_iters * world_size)
+    model.train()
+    return losses
+
+
+def get_lr(tokens):
+    """LR for the step that starts after `tokens` tokens: linear warmup, then cosine down to final_lr."""
+    if tokens < warmup_tokens:
+        return peak_lr * min(1.0, (tokens + tokens_per_step) / warmup_tokens)
+    progress = min(1.0, (tokens - warmup_tokens) / max(1, train_tokens - warmup_tokens))
+    return final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - final_lr)
+
+
+# dense bf16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's datasheets; the first name contained in the device's wins
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("B200", 2250),
+                    ("A100", 312), ("L40S", 362), ("L4", 121), ("RTX 4090", 165)]
+
+
+def device_peak_flops():
+    if peak_tflops:
+        return peak_tflops * 1e12, f"peak_tflops={peak_tflops}"
+    if device_type != "cuda":
+        return None, "no MFU on the CPU"
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops * 1e12, f"{name}: {tflops} TFLOP/s dense bf16 peak"
+    return None, f"{name}: unknown peak, set --peak_tflops for MFU"
+
+
+def peak_memory_gb():
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kilobytes of peak RSS
+
+
+def checksum(tensors):
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def log_record(record):
+    """Append one JSON object to out_dir/log.jsonl (and wandb); rank 0 only."""
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb_log:
+        wandb.log(record, step=record["step"])
+
+
+def start_log(step):
+    """Keep the log.jsonl records of steps <= step: none for a fresh run; after a resume, one clean history."""
+    path, kept = os.path.join(out_dir, "log.jsonl"), []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError):  # a line cut short by a crash
+                    pass
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def fmt_time(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f}d"
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step
+
+
+def forward_backward():
+    """grad_accum micro-steps; DDP syncs gradients only in the last one. Returns this rank's mean loss and batches."""
+    loss_sum = torch.zeros((), device=device)
+    batches = []
+    for micro in range(grad_accum):
+        x, y, doc_ids = next_batch(train_loaders)
+        if log_checksums:
+            batches.append(x)
+        sync = nullcontext() if not ddp or micro == grad_accum - 1 else ddp_model.no_sync()
+        with sync:  # the forward too must be inside no_sync, or DDP still reduces
+            with autocast:
+                _, loss = ddp_model(x, y, doc_ids)
+            (loss / grad_accum).backward()
+        loss_sum += loss.detach().float() / grad_accum
+    return loss_sum, batches
+
+
+def agree(loss, grad_norm):
+    """One small all-reduce per step: [loss sum, any non-finite, any stop signal, sum of loader epochs]."""
+    epochs = sum(loader.epoch for loader in train_loaders)
+    bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).double()
+    local = torch.tensor([float(stop_signal > 0), float(epochs)], dtype=torch.float64, device=device)
+    stats = torch.cat([loss.double().view(1), bad.view(1), local])
+    if ddp:
+        dist.all_reduce(stats)
+    loss_sum, bad, stop, epochs = stats.tolist()
+    return loss_sum / world_size, bad > 0, stop > 0, int(epochs) // world_size
+
+
+# -----------------------------------------------------------------------------
+# the loop
+if max_steps and step >= max_steps:
+    print0(f"already at step {step} >= max_steps={max_steps}; raise --max_steps (or set 0) to continue")
+if tokens_seen >= train_tokens:
+    print0(f"the schedule is complete ({tokens_seen:,} of {train_tokens:,} tokens); nothing to do")
+peak_flops, peak_note = device_peak_flops()
+if master:
+    print(describe_plan(model.num_params()))
+    print(f"MFU: {peak_note}")
+    start_log(step)
+    if wandb_log:
+        wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=cfg)
+flops_per_token = model.flops_per_token(block_size)
+stop_step = min(planned_steps, max_steps) if max_steps else planned_steps
+run_start = time.time()
+steps_this_run, epoch_seen = 0, None
+interval_steps, interval_time = 0, 0.0  # for tokens/s and MFU: training time only, not eval or checkpoints
+while step < stop_step and tokens_seen < train_tokens:
+    t0 = time.time()
+    lr_now = get_lr(tokens_seen)
+    for group in opt.param_groups:
+        group["lr"] = lr_now
+    loss, batches = forward_backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    loss, bad, stop, epoch = agree(loss, grad_norm)
+    if bad:
+        last = checkpoint.latest(out_dir)
+        die(f"non-finite loss ({loss}) or gradient norm ({grad_norm.item()}) at step {step + 1}; stopped without "
+            f"saving. The last good checkpoint is {last or '(none)'}; resume from it with a lower --lr or --grad_clip.")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    step, tokens_seen, steps_this_run = step + 1, tokens_seen + tokens_per_step, steps_this_run + 1
+    interval_steps, interval_time = interval_steps + 1, interval_time + time.time() - t0
+    done = step >= stop_step or tokens_seen >= train_tokens or stop
+
+    if step % log_every == 0 or done:
+        params = checksum(model.parameters()) if log_checksums else None
+        sums = (gather(params), gather(checksum(batches))) if log_checksums else None
+        if master:
+            elapsed = time.time() - run_start
+            tokens_per_sec = tokens_per_step * interval_steps / interval_time
+            mfu = tokens_per_sec * flops_per_token / (world_size * peak_flops) if peak_flops else None
+            eta = elapsed / steps_this_run * (stop_step - step)
+            record = {"step": step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gb": peak_memory_gb(),
+                      "elapsed_s": elapsed, "eta_s": eta}
+            if sums:
+                record["param_checksum"], record["batch_checksum"] = sums
+            log_record(record)
+            mfu_text = f" | mfu {mfu:.1%}" if mfu is not None else ""
+            print(f"step {step}/{planned_steps} | loss {loss:.4f} | lr {lr_now:.2e} | norm {grad_norm.item():.3f} | "
+                  f"{tokens_per_sec:,.0f} tok/s{mfu_text} | mem {record['peak_mem_gb']:.2f} GB | "
+                  f"{fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}", flush=True)
+        interval_steps, interval_time = 0, 0.0
+    if (eval_interval and step % eval_every == 0) or tokens_seen >= train_tokens:
+        losses = evaluate()
+        if master:
+            log_record({"step": step, **losses})
+            print("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
+    new_epoch = epoch_seen is not None and epoch > epoch_seen
+    epoch_seen = epoch
+    periodic = (save_strategy == "steps" and step % save_every == 0) or (save_strategy == "epoch" and new_epoch)
+    if periodic or done:
+        save_checkpoint()
+    if stop:
+        print0(f"stopping on {signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'} "
+               f"after step {step}; rerun the same command to continue")
+        break
+
+if wandb_log and master:
+    wandb.finish()
+if ddp:
+    dist.destroy_process_group()
