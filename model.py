@@ -499,3 +499,29 @@ class Transformer(nn.Module):
                 next_token = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtime choices shared by train.py and bench.py: what 'auto' means on a device, and the peak for MFU.
+
+def default_attn_impl(device_type):
+    """flex_attention on GPU (block-sparse document masks); sdpa on CPU, where flex has no backward."""
+    return "flex_attention" if device_type == "cuda" else "sdpa"
+
+
+def default_dtype(device_type):
+    """bfloat16 autocast where matmuls run natively in bf16 (CUDA; CPUs with AVX512-BF16 or AMX, as oneDNN
+    reports them), else float32: on a CPU without them bf16 is emulated and slower than fp32."""
+    if device_type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
+# Dense bf16 tensor-core peak per GPU in TFLOP/s (NVIDIA datasheets); the first name contained in the device's wins.
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("B200", 2250),
+                    ("A100", 312), ("L40S", 362), ("A10", 125), ("L4", 121), ("RTX 4090", 165)]
+
+
+def gpu_peak_tflops(device_name):
+    """Dense bf16 peak of a GPU by name, or None when unknown (then pass it yourself: train.py --peak_tflops)."""
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in device_name), None)

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from configurator import configure
 from data import PackedLoader, count_tokens, read_meta
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, default_attn_impl, default_dtype, gpu_peak_tflops
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -99,7 +99,7 @@ max_steps = 0  # stop after this step, with a checkpoint, without changing the s
 backend = "auto"  # 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
 # system
 device = "auto"  # 'auto' (cuda if available) | 'cuda' | 'cpu' (cpu = no accelerator)
-dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'bfloat16' | 'float32'
+dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA and on CPUs with native bf16, else float32) | 'bfloat16' | 'float32'
 compile = True  # torch.compile the model's layers (model.compile_layers), before the DDP wrap
 peak_tflops = 0.0  # one device's dense bf16 peak for MFU; 0 = look up the GPU's name
 seed = 1337
@@ -144,9 +144,9 @@ if backend == "auto":
 if backend == "nccl" and device == "cpu":
     die("backend='nccl' needs GPUs; on the CPU use --backend=gloo (or leave backend='auto')")
 if dtype == "auto":
-    dtype = "bfloat16" if device == "cuda" else "float32"
+    dtype = default_dtype(device)
 if attn_impl == "auto":
-    attn_impl = "flex_attention" if device == "cuda" else "sdpa"  # flex_attention has no backward on the CPU
+    attn_impl = default_attn_impl(device)
 if min(batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval, save_interval) < 1:
     die("batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval and save_interval must be >= 1")
 if min(max_steps, train_tokens, warmup_tokens, eval_interval, grad_clip, step_cadence) < 0 or step_cadence == 0:
@@ -206,6 +206,8 @@ if ddp:
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, device_id=torch.device("cuda", local_rank) if device == "cuda" else None)
+    # the per-step stop vote runs on CPU numbers over gloo, so it never waits for the GPU (see agree_to_stop)
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
 device = f"cuda:{local_rank}" if device == "cuda" else "cpu"
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
@@ -317,7 +319,10 @@ if ckpt:
     opt.load_state_dict(ckpt["optimizer"])
 if compile:
     model.compile_layers()  # in place, so state_dict keys keep their names
-ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else model
+# Gradients live in DDP's all-reduce buckets (no copy). static_graph lets DDP skip its per-step graph bookkeeping,
+# but only without no_sync: with gradient accumulation it stops all-reducing (pytorch/pytorch#187732).
+ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True,
+                static_graph=grad_accum == 1) if ddp else model
 
 # -----------------------------------------------------------------------------
 # what a checkpoint carries besides weights and optimizer: the step, the tokens seen (the LR schedule's position),
@@ -413,21 +418,16 @@ def get_lr(tokens):
     return final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - final_lr)
 
 
-# dense bf16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's datasheets; the first name contained in the device's wins
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("B200", 2250),
-                    ("A100", 312), ("L40S", 362), ("L4", 121), ("RTX 4090", 165)]
-
-
 def device_peak_flops():
     if peak_tflops:
         return peak_tflops * 1e12, f"peak_tflops={peak_tflops}"
     if device_type != "cuda":
         return None, "no MFU on the CPU"
     name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops * 1e12, f"{name}: {tflops} TFLOP/s dense bf16 peak"
-    return None, f"{name}: unknown peak, set --peak_tflops for MFU"
+    tflops = gpu_peak_tflops(name)
+    if tflops is None:
+        return None, f"{name}: unknown peak, set --peak_tflops for MFU"
+    return tflops * 1e12, f"{name}: {tflops} TFLOP/s dense bf16 peak"
 
 
 def peak_memory_gb():
@@ -491,16 +491,26 @@ def forward_backward():
     return loss_sum, batches
 
 
-def agree(loss, grad_norm):
-    """One small all-reduce per step: [loss sum, any non-finite, any stop signal, sum of loader epochs]."""
-    epochs = sum(loader.epoch for loader in train_loaders)
-    bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).double()
-    local = torch.tensor([float(stop_signal > 0), float(epochs)], dtype=torch.float64, device=device)
-    stats = torch.cat([loss.double().view(1), bad.view(1), local])
+def agree_to_stop():
+    """Every step: (stop, epoch) agreed by all ranks: a signal on any rank stops all of them after the same step.
+    Host numbers over gloo only, so the step never waits on the GPU for it."""
+    epochs = sum(loader.epoch for loader in train_loaders)  # with dispatch_batches, rank 0 holds every loader
+    flags = torch.tensor([float(stop_signal > 0), float(epochs)], dtype=torch.float64)
     if ddp:
-        dist.all_reduce(stats)
-    loss_sum, bad, stop, epochs = stats.tolist()
-    return loss_sum / world_size, bad > 0, stop > 0, int(epochs) // world_size
+        dist.all_reduce(flags, group=cpu_group)
+    stop, epochs = flags.tolist()
+    return stop > 0, int(epochs) // world_size
+
+
+def check_health(loss, first_bad_step):
+    """At log, eval and save points only (the one device sync of those steps): the step's loss averaged over ranks,
+    and the first step since the start whose loss or gradient norm was not finite on any rank (0 if none)."""
+    stats = torch.stack([loss.double(), first_bad_step.double()])
+    if ddp:
+        dist.all_reduce(stats[:1])
+        dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)  # ranks agree: the gradient norm is the same everywhere
+    loss_sum, bad_step = stats.tolist()
+    return loss_sum / world_size, int(bad_step)
 
 
 # -----------------------------------------------------------------------------
@@ -520,31 +530,44 @@ flops_per_token = model.flops_per_token(block_size)
 stop_step = min(planned_steps, max_steps) if max_steps else planned_steps
 run_start = time.time()
 steps_this_run, epoch_seen = 0, None
-interval_steps, interval_time = 0, 0.0  # for tokens/s and MFU: training time only, not eval or checkpoints
+interval_steps, interval_start = 0, time.time()  # for tokens/s and MFU: training time only, not eval or checkpoints
+first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # on the device: tracked without a sync
+# No host-device sync between log points: the CPU runs ahead of the GPU, so the next batch is read, pinned and
+# copied (non_blocking) while the current step's kernels run. Loss, health and grad norm are read only at log,
+# eval and save points.
 while step < stop_step and tokens_seen < train_tokens:
-    t0 = time.time()
     lr_now = get_lr(tokens_seen)
     for group in opt.param_groups:
         group["lr"] = lr_now
     loss, batches = forward_backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    loss, bad, stop, epoch = agree(loss, grad_norm)
-    if bad:
-        last = checkpoint.latest(out_dir)
-        die(f"non-finite loss ({loss}) or gradient norm ({grad_norm.item()}) at step {step + 1}; stopped without "
-            f"saving. The last good checkpoint is {last or '(none)'}; resume from it with a lower --lr or --grad_clip.")
-    opt.step()
+    healthy = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    first_bad_step = torch.where((first_bad_step == 0) & ~healthy, step + 1, first_bad_step)
+    opt.step()  # a non-finite step still updates (no sync to know); it is caught below before anything is saved
     opt.zero_grad(set_to_none=True)
     step, tokens_seen, steps_this_run = step + 1, tokens_seen + tokens_per_step, steps_this_run + 1
-    interval_steps, interval_time = interval_steps + 1, interval_time + time.time() - t0
+    interval_steps += 1
+    stop, epoch = agree_to_stop()
     done = step >= stop_step or tokens_seen >= train_tokens or stop
+    log_now = step % log_every == 0 or done
+    eval_now = (eval_interval and step % eval_every == 0) or tokens_seen >= train_tokens  # and at the schedule's end
+    new_epoch = epoch_seen is not None and epoch > epoch_seen
+    epoch_seen = epoch
+    save_now = done or (save_strategy == "steps" and step % save_every == 0) or (save_strategy == "epoch" and new_epoch)
+    if not (log_now or eval_now or save_now):
+        continue
+    loss, bad_step = check_health(loss, first_bad_step)
+    if bad_step:
+        last = checkpoint.latest(out_dir)
+        die(f"non-finite loss or gradient norm at step {bad_step} (loss now {loss}); stopped without saving. The last "
+            f"good checkpoint is {last or '(none)'}; resume from it with a lower --lr or --grad_clip.")
 
-    if step % log_every == 0 or done:
+    if log_now:
         params = checksum(model.parameters()) if log_checksums else None
         sums = (gather(params), gather(checksum(batches))) if log_checksums else None
         if master:
             elapsed = time.time() - run_start
-            tokens_per_sec = tokens_per_step * interval_steps / interval_time
+            tokens_per_sec = tokens_per_step * interval_steps / (time.time() - interval_start)
             mfu = tokens_per_sec * flops_per_token / (world_size * peak_flops) if peak_flops else None
             eta = elapsed / steps_this_run * (stop_step - step)
             record = {"step": step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
@@ -557,17 +580,14 @@ while step < stop_step and tokens_seen < train_tokens:
             print(f"step {step}/{planned_steps} | loss {loss:.4f} | lr {lr_now:.2e} | norm {grad_norm.item():.3f} | "
                   f"{tokens_per_sec:,.0f} tok/s{mfu_text} | mem {record['peak_mem_gb']:.2f} GB | "
                   f"{fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}", flush=True)
-        interval_steps, interval_time = 0, 0.0
-    if (eval_interval and step % eval_every == 0) or tokens_seen >= train_tokens:
+    if eval_now:
         losses = evaluate()
         if master:
             log_record({"step": step, **losses})
             print("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
-    new_epoch = epoch_seen is not None and epoch > epoch_seen
-    epoch_seen = epoch
-    periodic = (save_strategy == "steps" and step % save_every == 0) or (save_strategy == "epoch" and new_epoch)
-    if periodic or done:
+    if save_now:
         save_checkpoint()
+    interval_steps, interval_start = 0, time.time()
     if stop:
         print0(f"stopping on {signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'} "
                f"after step {step}; rerun the same command to continue")

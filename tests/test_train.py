@@ -23,7 +23,7 @@ from conftest import ROOT, run_prepare, write_hub_layout
 from data import count_tokens
 
 TINY = ["--n_layer=2", "--n_head=2", "--d_model=32", "--block_size=64", "--compile=False", "--warmup_tokens=512",
-        "--lr=3e-3", "--min_lr=3e-4", "--log_interval=1", "--eval_iters=2", "--log_checksums=True"]
+        "--lr=3e-3", "--min_lr=3e-4", "--log_interval=1", "--eval_iters=2", "--log_checksums=True", "--dtype=float32"]
 # 2 ranks x batch 2 x grad_accum 2 x 64 tokens = 512 tokens per step; 8 steps
 BASE2 = TINY + ["--batch_size=2", "--grad_accum=2", "--train_tokens=4096", "--warmup_tokens=1024", "--eval_interval=4",
                 "--save_interval=4"]
