@@ -19,8 +19,9 @@ ranks and micro-steps), "lr", "grad_norm", "tokens_per_sec", "mfu", ...}, valida
 Stopping: SIGTERM or SIGINT (Ctrl-C) on any rank makes every rank finish its step, save a checkpoint and exit 0; run
 the same command again to continue (init_from='auto' resumes from the newest checkpoint in out_dir). torchrun forwards
 a signal it gets to the workers and kills them 30 s later: give a large model more time with torchrun's
---shutdown-timeout=300. SIGQUIT (Ctrl+backslash) stops at once, without a checkpoint. A non-finite loss stops the
-run with exit status 1 before the optimizer step, so no checkpoint ever holds NaN weights.
+--shutdown-timeout=300. SIGQUIT (Ctrl+backslash) stops at once, without a checkpoint. A non-finite loss or gradient
+norm stops the run at the next log, eval or save point with exit status 1, naming the step where it first
+appeared, before anything is saved: no checkpoint ever holds NaN weights.
 """
 
 import dataclasses
