@@ -158,7 +158,7 @@ def bench_loader(cfg):
     step = run_child(cfg, {"what": "train", "lean_loss": "on"})
     return {"what": "loader", "batch": f"{cfg['batch_size']}x{cfg['block_size']}", "batch_ms": round(seconds * 1e3, 2),
             "tokens_per_s": round(cfg["batch_size"] * cfg["block_size"] / seconds),
-            "step_ms": step["step_ms"], "share_of_step": round(seconds * 1e3 / step["step_ms"], 4)}
+            "step_ms": step["step_ms"], "share_of_step_pct": round(100 * seconds * 1e3 / step["step_ms"], 4)}
 
 
 def bench_prepare(cfg):

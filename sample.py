@@ -17,7 +17,7 @@ import torch
 import checkpoint
 from configurator import configure
 from data import TOKENIZER
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, default_attn_impl
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run's directory: its newest checkpoint is used
@@ -44,8 +44,7 @@ if not path:
     sys.exit(f"sample.py: no checkpoint (ckpt-*.pt) in {out_dir}; train first, e.g. python train.py config/smoke.py")
 ckpt = checkpoint.load(path)
 model_config = ModelConfig(**{**ckpt["model_config"],
-                              "attn_impl": attn_impl if attn_impl != "auto" else
-                              ("flex_attention" if device == "cuda" else "sdpa")})
+                              "attn_impl": attn_impl if attn_impl != "auto" else default_attn_impl(device)})
 model = Transformer(model_config)
 model.load_state_dict(ckpt["model"])
 model.to(device).eval()
