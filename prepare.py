@@ -80,8 +80,9 @@ def tokenize_texts(texts, encoding=None):
 
 # ----------------------------------------------------------------------------- listing and fetching source files
 
-def list_source_files(source, subsets, revision):
-    """{subset: [relative paths in file order]} from the hub or a local directory."""
+def list_source_files(source, subsets, revision, required=True):
+    """{subset: [relative paths in file order]} from the hub or a local directory. With required=False (no
+    --subsets given), a subset folder that a local directory lacks altogether is skipped with a warning."""
     files = {}
     if source == "hf":
         from huggingface_hub import HfApi
@@ -101,7 +102,14 @@ def list_source_files(source, subsets, revision):
         if not root.is_dir():
             raise PrepareError(f"--source {source}: no such directory (use --source hf to download from the hub)")
         for subset in subsets:
+            if not (root / subset).exists() and not required:
+                print(f"[prepare] warning: {root / subset} does not exist; preparing without {subset} "
+                      f"(name it in --subsets to make this an error)", file=sys.stderr)
+                continue
             files[subset] = sorted(f"{subset}/{p.name}" for p in (root / subset).glob("train-*.parquet"))
+        if not files:
+            raise PrepareError(f"--source {source}: none of {', '.join(subsets)} is there; expected "
+                               f"{source}/<subset>/train-NNNNN-of-MMMMM.parquet")
     for subset, paths in files.items():
         if not paths:
             where = f"{REPO_ID}@{revision}" if source == "hf" else str(Path(source) / subset)
@@ -272,9 +280,10 @@ def format_seconds(s):
 
 # ----------------------------------------------------------------------------- main
 
-def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, revision):
+def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, revision, subsets_required=True):
     out = Path(out)
-    files = list_source_files(source, subsets, revision)
+    files = list_source_files(source, subsets, revision, subsets_required)
+    subsets = [s for s in subsets if s in files]
     files = {s: paths[:math.ceil(fraction * len(paths))] for s, paths in files.items()}
     out.mkdir(parents=True, exist_ok=True)
     meta = load_or_new_meta(out, source, revision, files, val_docs)
@@ -325,14 +334,15 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="hf", help="'hf' to download from the hub, or a local directory")
     p.add_argument("--out", default="data/smollm", help="output directory")
-    p.add_argument("--subsets", default=",".join(SUBSETS), help="comma-separated subsets")
+    p.add_argument("--subsets", default=None,
+                   help=f"comma-separated subsets (default: {','.join(SUBSETS)}; a local --source may lack one)")
     p.add_argument("--fraction", type=float, default=1.0, help="take the first ceil(F x files) files of each subset")
     p.add_argument("--val-docs", type=int, default=1000, help="documents of each subset's first file kept for val")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
     p.add_argument("--keep-parquet", action="store_true", help="keep downloaded parquet files after tokenizing")
     p.add_argument("--revision", default=REVISION, help="hub revision (commit) to download")
     args = p.parse_args(argv)
-    subsets = [s for s in args.subsets.split(",") if s]
+    subsets = [s for s in (args.subsets or ",".join(SUBSETS)).split(",") if s]
     unknown = [s for s in subsets if s not in SUBSETS]
     try:
         if unknown:
@@ -342,7 +352,7 @@ def main(argv=None):
         if args.val_docs < 0 or args.workers < 1:
             raise PrepareError("--val-docs must be >= 0 and --workers >= 1")
         prepare(args.source, args.out, subsets, args.fraction, args.val_docs, args.workers, args.keep_parquet,
-                args.revision)
+                args.revision, subsets_required=args.subsets is not None)
     except PrepareError as e:
         print(f"\nprepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)

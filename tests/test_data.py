@@ -103,8 +103,13 @@ def test_prepare_input_errors(tmp_path):
     # a missing subset folder, then an empty one
     hub2 = tmp_path / "hub2"
     write_hub_layout(hub2, {"cosmopedia-v2": [4]})
-    proc = run_prepare("--source", hub2, "--out", tmp_path / "o1", check=False)
+    both = ["--subsets", "cosmopedia-v2,fineweb-edu-dedup"]
+    proc = run_prepare("--source", hub2, "--out", tmp_path / "o1", *both, check=False)
     assert proc.returncode == 1 and "fineweb-edu-dedup" in proc.stderr and "no train-*.parquet" in proc.stderr
+    # without --subsets, a local copy holding one subset only (like smollm-sample) is prepared with a warning
+    proc = run_prepare("--source", hub2, "--out", tmp_path / "one", "--val-docs", 1)
+    assert "preparing without fineweb-edu-dedup" in proc.stderr
+    assert list(json.loads((tmp_path / "one/meta.json").read_text())["subsets"]) == ["cosmopedia-v2"]
     (hub2 / "fineweb-edu-dedup").mkdir()
     proc = run_prepare("--source", hub2, "--out", tmp_path / "o1", check=False)
     assert proc.returncode == 1 and "missing or empty folder" in proc.stderr and "Traceback" not in proc.stderr
