@@ -184,9 +184,10 @@ def describe_plan(n_params):
         f"tokens per step: {batch_size} seqs x {block_size} tokens{accum} x {world_size} ranks = {tokens_per_step:,}",
         f"lr: {lr:g} x sqrt({batch_size * grad_accum * world_size}) = {peak_lr:.3e} peak, min_lr -> {final_lr:.3e}",
         f"schedule: warmup {warmup_tokens:,} tokens ({math.ceil(warmup_tokens / tokens_per_step)} steps), cosine to "
-        f"{train_tokens:,} tokens = {planned_steps} steps{stop}",
+        + (f"{train_tokens:,} tokens = {planned_steps} steps{stop}" if train_tokens else
+           f"one epoch of {data_dir} (not prepared yet; or set --train_tokens){stop}"),
     ] + ([f"warning: warmup_tokens={warmup_tokens:,} >= train_tokens: the LR never reaches its peak"]
-         if warmup_tokens >= train_tokens else []))
+         if 0 < train_tokens <= warmup_tokens else []))
 
 
 if dry_run:
