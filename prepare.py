@@ -132,8 +132,8 @@ def fetch(source, rel_path, download_dir, revision):
 
 # ----------------------------------------------------------------------------- writing shards
 
-def read_text_batches(path):
-    """Yield lists of texts, one parquet record batch at a time (only the `text` column is read)."""
+def open_parquet(path):
+    """The parquet file at path, checked to be readable and to have a `text` column."""
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
@@ -141,25 +141,25 @@ def read_text_batches(path):
     if "text" not in pf.schema_arrow.names:
         raise PrepareError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); "
                            f"is this a smollm-corpus file?")
-    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=["text"]):
-        yield batch.column(0).to_pylist()
+    return pf
 
 
-def tokenized_chunks(path, pool, workers):
-    """Yield (tokens, lengths, skipped) per chunk, in file order, with at most 2 x workers chunks in flight."""
+def tokenized_chunks(pf, pool, workers):
+    """Yield (tokens, lengths, skipped) per chunk, in file order, with at most 2 x workers chunks in flight.
+    Reads one record batch at a time (only the `text` column)."""
     pending = deque()
-    for texts in read_text_batches(path):
+    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=["text"]):
+        texts = batch.column(0).to_pylist()
         for i in range(0, len(texts), TOKENIZE_CHUNK_ROWS):
             chunk = texts[i:i + TOKENIZE_CHUNK_ROWS]
-            pending.append(pool.submit(tokenize_texts, chunk) if pool else chunk)
+            if pool is None:
+                yield tokenize_texts(chunk)
+                continue
+            pending.append(pool.submit(tokenize_texts, chunk))
             while len(pending) > 2 * workers:
-                yield resolve(pending.popleft())
+                yield pending.popleft().result()
     while pending:
-        yield resolve(pending.popleft())
-
-
-def resolve(item):
-    return tokenize_texts(item) if isinstance(item, list) else item.result()
+        yield pending.popleft().result()
 
 
 class ShardWriter:
@@ -190,12 +190,12 @@ class ShardWriter:
         return {"docs": self.docs, "tokens": self.tokens}
 
 
-def tokenize_file(path, out_dir, shard_name, val_docs, pool, workers, progress):
+def tokenize_file(pf, out_dir, shard_name, val_docs, pool, workers, progress):
     """Tokenize one parquet file into its train shard (and, for a subset's first file, the val shard)."""
     val = ShardWriter(out_dir, "val") if val_docs else None
     train = ShardWriter(out_dir, shard_name)
     skipped = 0
-    for tokens, lengths, n_skipped in tokenized_chunks(path, pool, workers):
+    for tokens, lengths, n_skipped in tokenized_chunks(pf, pool, workers):
         skipped += n_skipped
         progress.update(len(lengths) + n_skipped, int(lengths.sum()))
         if val is not None and val.docs < val_docs:  # the first val_docs documents go to val
@@ -298,8 +298,9 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
         for subset, i, rel in todo:
             (out / subset).mkdir(exist_ok=True)
             local = fetch(source, rel, out / "download", revision)
-            progress.start_file(pq.ParquetFile(local).metadata.num_rows if local.exists() else 1)
-            result = tokenize_file(local, out / subset, f"train-{i:05d}", val_docs if i == 0 else 0,
+            pf = open_parquet(local)
+            progress.start_file(pf.metadata.num_rows)
+            result = tokenize_file(pf, out / subset, f"train-{i:05d}", val_docs if i == 0 else 0,
                                    pool, workers, progress)
             shards = meta["subsets"][subset]["shards"]
             shards.append({"name": f"train-{i:05d}", "source": rel, **result["train"],

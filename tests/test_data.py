@@ -118,6 +118,10 @@ def test_prepare_input_errors(tmp_path):
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "hub/fineweb-edu-dedup/train-00000-of-00001.parquet")
     proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "o2", check=False)
     assert proc.returncode == 1 and "no 'text' column" in proc.stderr and "content" in proc.stderr
+    # a file that is not parquet at all (a truncated download, say)
+    (tmp_path / "hub/fineweb-edu-dedup/train-00000-of-00001.parquet").write_bytes(b"not parquet")
+    proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "o4", check=False)
+    assert proc.returncode == 1 and "not a readable parquet file" in proc.stderr and "Traceback" not in proc.stderr
     # a source dir that doesn't exist, an unknown subset, a bad fraction
     for args, words in ((["--source", tmp_path / "nope"], "no such directory"),
                         (["--source", tmp_path / "hub", "--subsets", "python-edu"], "unknown subset"),
