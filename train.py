@@ -598,4 +598,7 @@ while step < stop_step and tokens_seen < train_tokens:
 if wandb_log and master:
     wandb.finish()
 if ddp:
+    # Tear down together: a rank that destroys its gloo connections while rank 0 is still writing the last
+    # checkpoint can abort at exit ("terminate called without an active exception"), seen once in CI.
+    dist.barrier()
     dist.destroy_process_group()
