@@ -22,7 +22,8 @@ import checkpoint
 from conftest import ROOT, run_prepare, write_hub_layout
 from data import count_tokens
 
-TINY = ["--n_layer=2", "--n_head=2", "--d_model=32", "--block_size=64", "--compile=False", "--warmup_tokens=512",
+# --device=cpu (and so gloo under torchrun): these tests are about CPU behaviour and must pass unchanged on a GPU machine
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--d_model=32", "--block_size=64", "--compile=False", "--warmup_tokens=512",
         "--lr=3e-3", "--min_lr=3e-4", "--log_interval=1", "--eval_iters=2", "--log_checksums=True", "--dtype=float32"]
 # 2 ranks x batch 2 x grad_accum 2 x 64 tokens = 512 tokens per step; 8 steps
 BASE2 = TINY + ["--batch_size=2", "--grad_accum=2", "--train_tokens=4096", "--warmup_tokens=1024", "--eval_interval=4",
@@ -313,12 +314,12 @@ def test_resume_refusals(base2, prepared_data, tmp_path):
 
 
 def test_config_errors_and_dry_run(prepared_data, tmp_path):
-    proc = run(["--batchsize=4"])
+    proc = run(["--device=cpu", "--batchsize=4"])
     assert_one_clear_error(proc, "unknown key 'batchsize'", "did you mean batch_size")
     # (the other configurator errors are in test_configurator.py; train.py passes them through the same way)
-    proc = run(["--init_from=latest"])
+    proc = run(["--device=cpu", "--init_from=latest"])
     assert_one_clear_error(proc, "init_from='latest'", "is not one of 'scratch', 'resume', 'auto'")
-    proc = run([f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}"])
+    proc = run(["--device=cpu", f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}"])
     assert_one_clear_error(proc, "no prepared data in")
     fake = tmp_path / "fake_site" / "wandb"  # make sure `import wandb` fails, installed or not
     fake.mkdir(parents=True)
@@ -335,10 +336,10 @@ def test_config_errors_and_dry_run(prepared_data, tmp_path):
 
 
 def test_sample_prints_text(base2):
-    proc = run([f"--out_dir={base2}", "--start=The water", "--num_samples=2", "--max_new_tokens=8"], script="sample.py")
+    proc = run([f"--out_dir={base2}", "--device=cpu", "--start=The water", "--num_samples=2", "--max_new_tokens=8"], script="sample.py")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("The water") == 2 and "ckpt-00000008.pt: step 8" in proc.stderr
-    proc = run([f"--out_dir={base2}", "--max_new_tokens=4", "--temperature=0"], script="sample.py")
+    proc = run([f"--out_dir={base2}", "--device=cpu", "--max_new_tokens=4", "--temperature=0"], script="sample.py")
     assert proc.returncode == 0, proc.stderr
-    proc = run(["--out_dir=/nonexistent/run"], script="sample.py")
+    proc = run(["--out_dir=/nonexistent/run", "--device=cpu"], script="sample.py")
     assert_one_clear_error(proc, "no checkpoint (ckpt-*.pt) in /nonexistent/run")
