@@ -20,6 +20,7 @@ built once per forward, outside compiled code, and handed to every layer. With t
 chunked head + cross-entropy that never holds fp32 logits for the whole batch. Presets live in config/*.py.
 """
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,12 @@ class ModelConfig:
             raise ValueError(f"family={self.family!r} is unknown; choose one of {', '.join(FAMILIES)}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r} is unknown; choose one of {', '.join(ATTN_IMPLS)}")
+        sizes = {"vocab_size": self.vocab_size, "block_size": self.block_size, "n_layer": self.n_layer,
+                 "n_head": self.n_head, "d_model": self.d_model, "loss_chunk_size": self.loss_chunk_size,
+                 "n_kv_head": self.n_kv_head, "d_ff": self.d_ff}
+        small = [f"{k}={v}" for k, v in sizes.items() if v is not None and v < 1]  # None: the default, below
+        if small:
+            raise ValueError(f"{', '.join(small)}: model sizes must be >= 1")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.qk_norm is None:
@@ -517,11 +524,20 @@ def default_dtype(device_type):
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
-# Dense bf16 tensor-core peak per GPU in TFLOP/s (NVIDIA datasheets); the first name contained in the device's wins.
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("B200", 2250),
-                    ("A100", 312), ("L40S", 362), ("A10", 125), ("L4", 121), ("RTX 4090", 165)]
+# Dense bf16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's datasheets (the sparsity figures halved; L40:
+# "BF16 Tensor Core 181.05 TFLOPS", L40S: 362.05). A key matches the device name as whole words ("L4" does not match
+# "NVIDIA L40") and the longest matching key wins ("H100 PCIe" over "H100").
+PEAK_BF16_TFLOPS = {"H100": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200": 989, "B200": 2250, "A100": 312,
+                    "L40S": 362, "L40": 181, "A10": 125, "L4": 121, "RTX 4090": 165}
 
 
 def gpu_peak_tflops(device_name):
     """Dense bf16 peak of a GPU by name, or None when unknown (then pass it yourself: train.py --peak_tflops)."""
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in device_name), None)
+    words = re.split(r"[\s\-_]+", device_name)  # "NVIDIA A100-SXM4-80GB" -> NVIDIA, A100, SXM4, 80GB
+    found = [key for key in PEAK_BF16_TFLOPS if _contains_words(words, key.split())]
+    return PEAK_BF16_TFLOPS[max(found, key=len)] if found else None
+
+
+def _contains_words(words, key_words):
+    n = len(key_words)
+    return any(words[i:i + n] == key_words for i in range(len(words) - n + 1))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import (ModelConfig, Transformer, LinearCrossEntropy, deepnet_constants, doc_cu_seqlens,  # noqa: E402
-                   doc_causal_block_mask)
+                   doc_causal_block_mask, gpu_peak_tflops)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -210,7 +210,8 @@ def test_preset_param_counts(name, total, body):
 def test_preset_shapes():
     deepone = ModelConfig(**load_preset("deepone"))
     assert deepone.family == "deepone" and not deepone.tie_embeddings and deepone.qk_norm
-    assert 117e6 <= 125_355_136 <= 135e6
+    with torch.device("meta"):  # the size of the model the preset builds, not a number copied from above
+        assert 117e6 <= Transformer(deepone).num_params() <= 135e6  # GPT-2 small's scale (124M)
     qwen3 = ModelConfig(**load_preset("qwen3_124m"))
     assert (qwen3.d_model, qwen3.n_layer, qwen3.n_head, qwen3.n_kv_head, qwen3.d_ff) == (768, 16, 8, 2, 2048)
     assert qwen3.tie_embeddings and qwen3.qk_norm and qwen3.rope_theta == 1e6
@@ -315,6 +316,10 @@ def test_num_params_flops_and_optimizer():
     (dict(attn_impl="flash"), r"attn_impl='flash' is unknown; choose one of eager, sdpa, flex_attention, "
                               r"flash_attention_2"),
     (dict(d_model=60, n_head=4), r"head dim .* = 15 is odd"),
+    (dict(n_layer=0), r"n_layer=0: model sizes must be >= 1"),
+    (dict(n_head=0), r"n_head=0: model sizes must be >= 1"),
+    (dict(d_model=0), r"d_model=0: model sizes must be >= 1"),
+    (dict(n_kv_head=0, d_ff=-1), r"n_kv_head=0, d_ff=-1: model sizes must be >= 1"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -357,3 +362,14 @@ def test_compile_layers_no_recompiles_across_batches():
         torch._dynamo.config.error_on_recompile = False
     assert not counters["graph_break"]
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("device_name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA L40S", 362), ("NVIDIA L40", 181), ("NVIDIA L4", 121), ("NVIDIA A100-SXM4-80GB", 312),
+    ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA A10", 125), ("NVIDIA GeForce RTX 4090", 165),
+    ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 3090", None), ("Tesla V100-SXM2-16GB", None),
+])
+def test_gpu_peak_matches_whole_names(device_name, tflops):
+    """Real torch.cuda.get_device_name() strings: "L4" must not match "NVIDIA L40", nor "A10" an A100."""
+    assert gpu_peak_tflops(device_name) == tflops
