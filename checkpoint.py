@@ -5,7 +5,9 @@ Checkpoint files of a run: `out_dir/ckpt-NNNNNNNN.pt`, NNNNNNNN being the optimi
                                          newest keep_last. A crash mid-save, even kill -9, leaves only a .tmp file,
                                          which nothing reads, and the previous checkpoints intact.
     latest(out_dir) -> path or None      the newest complete checkpoint
-    load(path) -> dict                   torch.load(weights_only=True) on the CPU, or one clear error
+    load(path) -> dict                   torch.load(mmap=True, weights_only=True) on the CPU, or one clear error: the
+                                         tensors stay in the file's page cache, so the ranks of a node share one copy
+                                         instead of each reading the whole checkpoint into its own memory
 
 A checkpoint holds only tensors, plain containers, numbers and strings, so it loads with weights_only=True.
 """
@@ -62,7 +64,7 @@ def _fsync_dir(path):
 
 def load(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated file, not a checkpoint, or objects weights_only refuses
         raise SystemExit(
             f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"

@@ -42,7 +42,7 @@ class ModelConfig:
     n_kv_head: int | None = None    # None -> n_head (no grouped-query attention)
     d_model: int = 768
     d_ff: int | None = None         # None -> 8/3 d_model rounded up to a multiple of 256, see __post_init__
-    rope_theta: float = 10000.0     # Qwen3 uses 1e6: config/qwen3_124m.py sets it
+    rope_theta: float = 10000.0     # Qwen3 uses 1e6: config/qwen3_138m.py sets it
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     qk_norm: bool | None = None     # None -> True for deepone and qwen3, False for llama

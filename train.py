@@ -245,8 +245,10 @@ ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
 def check_checkpoint(ckpt):
     """Refuse a checkpoint that this run cannot continue, saying what differs and what to do."""
     wanted = dataclasses.asdict(model_config)
+    # Runtime choices that leave the weights' shapes and meaning alone: the attention kernel, the head+loss chunking,
+    # and block_size (every family uses RoPE: no learned position table, positions are computed for any length).
     differ = [f"{k}: checkpoint {v!r}, this run {wanted.get(k)!r}" for k, v in ckpt["model_config"].items()
-              if k != "attn_impl" and wanted.get(k) != v]  # attn_impl is a runtime choice, not the weights
+              if k not in ("attn_impl", "loss_chunk_size", "block_size") and wanted.get(k) != v]
     if differ:
         die(f"checkpoint {ckpt_path} holds a different model:\n  " + "\n  ".join(differ) + "\n"
             f"Give the same model settings as the run that wrote it (e.g. the same config file), or train a new model "

@@ -196,8 +196,8 @@ def load_preset(name):
 
 @pytest.mark.parametrize("name, total, body", [
     ("deepone", 125_355_136, 60_966_016),
-    ("qwen3_124m", 137_752_320, 99_118_848),
-    ("llama_30m", 51_980_800, 26_225_152),
+    ("qwen3_138m", 137_752_320, 99_118_848),
+    ("llama_52m", 51_980_800, 26_225_152),
     ("smoke", 13_304_576, 426_752),
 ])
 def test_preset_param_counts(name, total, body):
@@ -212,10 +212,10 @@ def test_preset_shapes():
     assert deepone.family == "deepone" and not deepone.tie_embeddings and deepone.qk_norm
     with torch.device("meta"):  # the size of the model the preset builds, not a number copied from above
         assert 117e6 <= Transformer(deepone).num_params() <= 135e6  # GPT-2 small's scale (124M)
-    qwen3 = ModelConfig(**load_preset("qwen3_124m"))
+    qwen3 = ModelConfig(**load_preset("qwen3_138m"))
     assert (qwen3.d_model, qwen3.n_layer, qwen3.n_head, qwen3.n_kv_head, qwen3.d_ff) == (768, 16, 8, 2, 2048)
     assert qwen3.tie_embeddings and qwen3.qk_norm and qwen3.rope_theta == 1e6
-    llama = ModelConfig(**load_preset("llama_30m"))
+    llama = ModelConfig(**load_preset("llama_52m"))
     assert (llama.d_model, llama.n_layer, llama.n_head, llama.n_kv_head, llama.d_ff) == (512, 10, 8, 2, 1280)
     assert llama.tie_embeddings and not llama.qk_norm
 

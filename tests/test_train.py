@@ -100,6 +100,10 @@ def test_checkpoint_format(base2):
     assert [s["rank"] for s in ckpt["data_states"]] == [0, 1]
     assert len(ckpt["rng_states"]) == 2 and isinstance(ckpt["rng_states"][1]["torch"], torch.Tensor)
     assert "state" in ckpt["optimizer"] and "param_groups" in ckpt["optimizer"]
+    # checkpoint.load (train.py's and sample.py's) memory-maps the file instead of reading it into this process
+    loaded = checkpoint.load(str(base2 / "ckpt-00000004.pt"))
+    assert str(base2 / "ckpt-00000004.pt") in Path("/proc/self/maps").read_text()
+    assert torch.equal(loaded["model"]["tok_emb.weight"], torch.load(base2 / "ckpt-00000004.pt")["model"]["tok_emb.weight"])
 
 
 def test_dispatch_then_exact_resume_with_two_ranks(base2, prepared_data, tmp_path):
@@ -302,10 +306,13 @@ def test_resume_refusals(base2, prepared_data, tmp_path):
     # a different world size while restoring the per-rank data positions
     proc = train(out, prepared_data, *BASE2, ok=False)
     assert_one_clear_error(proc, "written by 2 ranks and this run has 1", "--restore_data_state=False")
-    # ... which goes on with the weights, optimizer and schedule when the data streams may start afresh
-    proc = train(out, prepared_data, *BASE2, "--restore_data_state=False", "--max_steps=5")
+    # ... which goes on with the weights, optimizer and schedule when the data streams may start afresh; settings that
+    # leave the weights alone may change too: block_size (RoPE, no learned positions) and loss_chunk_size
+    proc = train(out, prepared_data, *BASE2, "--restore_data_state=False", "--max_steps=5", "--block_size=32",
+                 "--loss_chunk_size=50")
     assert "resuming from" in proc.stdout and sorted(records(out)) == [5]
-    assert records(out)[5]["tokens"] == 4 * 512 + 256  # 1 rank now: half the tokens per step
+    assert records(out)[5]["tokens"] == 4 * 512 + 128  # 1 rank and 32-token blocks now: a quarter of the tokens per step
+    assert checkpoint.load(checkpoint.latest(str(out)))["model_config"]["block_size"] == 32
     # resume asked for, nothing to resume; scratch asked for, checkpoints of another run in the way
     proc = train(tmp_path / "empty", prepared_data, *BASE2, "--init_from=resume", ok=False)
     assert_one_clear_error(proc, "init_from='resume' but", "has no checkpoint")

@@ -1,5 +1,6 @@
-# Small Llama-style model: pre-RMSNorm, SwiGLU, GQA 8:2, RoPE, tied embeddings.
-#   python train.py config/llama_30m.py
+# Small Llama-style model, 52.0M parameters (26.2M without the embedding): pre-RMSNorm, SwiGLU, GQA 8:2, RoPE,
+# tied embeddings.
+#   python train.py config/llama_52m.py
 family = "llama"
 vocab_size = 50304
 n_layer = 10

@@ -1,5 +1,6 @@
-# Qwen3-style model: pre-RMSNorm, SwiGLU, GQA 8:2, per-head q/k RMSNorm, rope_theta 1e6, tied embeddings.
-#   python train.py config/qwen3_124m.py
+# Qwen3-style model, 137.8M parameters (99.1M without the embedding): pre-RMSNorm, SwiGLU, GQA 8:2, per-head q/k RMSNorm,
+# rope_theta 1e6, tied embeddings.
+#   python train.py config/qwen3_138m.py
 family = "qwen3"
 vocab_size = 50304
 n_layer = 16
