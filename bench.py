@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from configurator import configure
-from model import ATTN_IMPLS, ModelConfig, Transformer, default_attn_impl, default_dtype, gpu_peak_tflops
+from data import cu_seqlens_of
+from model import (ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, default_attn_impl, default_dtype,
+                   gpu_peak_tflops, varlen_kernel)
 
 HERE = Path(__file__).resolve().parent
 BENCH_DEFAULTS = {
@@ -66,7 +68,8 @@ def peak_tflops(cfg, device):
 
 
 def synthetic_batch(cfg, device):
-    """Random tokens packed into documents of random length (exponential, mean doc_len) like data.PackedLoader's."""
+    """Random tokens packed into documents of random length (exponential, mean doc_len), shipped like
+    data.PackedLoader's batches: (x, y, doc_ids, cu_seqlens)."""
     g = torch.Generator().manual_seed(0)
     B, T = cfg["batch_size"], cfg["block_size"]
     x = torch.randint(0, 50257, (B, T), generator=g)
@@ -76,17 +79,14 @@ def synthetic_batch(cfg, device):
         lengths = (-torch.rand(T, generator=g).log() * cfg["doc_len"]).long().clamp(min=1)  # exponential
         starts = lengths.cumsum(0)
         doc_ids[b] = torch.bucketize(torch.arange(T), starts[starts < T], right=True)
-    return x.to(device), y.to(device), doc_ids.to(device)
+    cu_seqlens = torch.from_numpy(cu_seqlens_of(doc_ids.numpy()))
+    return x.to(device), y.to(device), doc_ids.to(device), cu_seqlens.to(device)
 
 
-def attended_fraction(doc_ids):
-    """Unmasked share of the T x T scores for document-causal attention: sum over segments of L(L+1)/2, / T^2."""
-    T = doc_ids.size(1)
-    total = 0
-    for row in doc_ids.cpu():
-        lengths = torch.bincount(row).float()
-        total += (lengths * (lengths + 1) / 2).sum().item()
-    return total / (doc_ids.size(0) * T * T)
+def attended_fraction(cu_seqlens, B, T):
+    """Unmasked share of the B x T x T scores of document-causal attention (model.attended_pairs / B T^2):
+    the same count train.py logs MFU with."""
+    return attended_pairs(cu_seqlens).item() / (B * T * T)
 
 
 def bench_train(cfg):
@@ -97,16 +97,16 @@ def bench_train(cfg):
     if cfg["compile"]:
         model.compile_layers()
     optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device)
-    x, y, doc_ids = synthetic_batch(cfg, device)
+    x, y, doc_ids, cu_seqlens = synthetic_batch(cfg, device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
         with autocast:
             if cfg["lean_loss"] == "on":
-                _, loss = model(x, y, doc_ids)
+                _, loss = model(x, y, doc_ids, cu_seqlens)
             else:
-                logits, _ = model(x, doc_ids=doc_ids)
+                logits, _ = model(x, doc_ids=doc_ids, cu_seqlens=cu_seqlens)
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
         optimizer.step()
@@ -124,7 +124,7 @@ def bench_train(cfg):
     seconds = (time.perf_counter() - t0) / cfg["steps"]
     tokens = cfg["batch_size"] * cfg["block_size"]
     # MFU counts only the attended part of the scores: sparse kernels (flex, flash) skip the rest
-    frac = attended_fraction(doc_ids)
+    frac = attended_fraction(cu_seqlens, cfg["batch_size"], cfg["block_size"])
     flops = model.flops_per_token(cfg["block_size"], attn_fraction=frac) * tokens
     peak = peak_tflops(cfg, device)
     return {"what": "train", "attn_impl": fields["attn_impl"], "lean_loss": cfg["lean_loss"],
@@ -232,10 +232,10 @@ def main():
 
 def available(attn_impl, cfg):
     device, _ = resolve_device_dtype(cfg)
-    if attn_impl == "flash_attention_2":
+    if attn_impl == "flash_attention_2":  # flash-attn or torch.nn.attention.varlen, on CUDA only
         try:
-            import flash_attn  # noqa: F401  (optional extra)
-        except ImportError:
+            varlen_kernel()
+        except (ImportError, RuntimeError):
             return False
         return device == "cuda"
     return not (attn_impl == "flex_attention" and device == "cpu")  # no flex backward on CPU

@@ -2,7 +2,7 @@
 
     from data import PackedLoader
     loader = PackedLoader("data/smollm", split="train", block_size=4096, batch_size=8, rank=0, world_size=1)
-    x, y, doc_ids = loader.next_batch()          # int64 tensors [batch_size, block_size]
+    x, y, doc_ids, cu_seqlens = loader.next_batch()  # int64 [batch_size, block_size] x3; int32 [capacity + 1]
     state = loader.state_dict()                  # plain ints, lists and strings: goes into the checkpoint
     loader.load_state_dict(state)                # resumes with exactly the batches an uninterrupted loader gives
 
@@ -15,6 +15,10 @@ documents with no communication and together cover every document once per epoch
 Packing: drawn documents form one stream, cut into rows of block_size + 1 tokens; x = row[:-1], y = row[1:].
 No padding, no truncation: a document that doesn't fit continues at the start of the next row. doc_ids[b, t]
 numbers the segments of row b (0, 1, 2, ...): t may attend to s only if s <= t and doc_ids[b, s] == doc_ids[b, t].
+cu_seqlens lists the same segments as start offsets in the flattened [batch_size * block_size] batch, the form
+varlen flash kernels take, padded with empty segments to a size fixed by the batch shape (segment_capacity), so
+no backend has to find the boundaries on the device (a nonzero, which syncs) and compiled code sees one shape.
+On CUDA all four tensors arrive through pinned memory with non_blocking copies.
 
 split="val" reads each subset's val shard in file order (subset=... picks one subset), cycling, so a fresh val
 loader always yields the same blocks.
@@ -85,6 +89,29 @@ def uniform(*key):
     """A reproducible float in [0, 1) from integers: the subset draws need no RNG state in the checkpoint."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
+
+
+def segment_capacity(batch_size, block_size, n_segments):
+    """Length - 1 of a batch's padded cu_seqlens: batch_size * max(4, block_size // 256) segments, doubled until
+    n_segments fits. A pure function of the batch, so a resumed loader pads exactly as before. Smollm documents
+    average ~700-1000 tokens (about 49 segments in an 8 x 4096 batch against 128 slots), so the doubling, which
+    changes the shape and makes compiled code recompile once, is rare. Slots are kept few on purpose: a varlen
+    kernel launches its thread blocks per slot, empty or not."""
+    capacity = batch_size * max(4, block_size // 256)
+    while capacity < n_segments:
+        capacity *= 2
+    return capacity
+
+
+def cu_seqlens_of(doc_ids):
+    """int32 numpy [segment_capacity + 1]: segment start offsets of doc_ids (numpy [B, T], segments numbered
+    0, 1, 2, ... per row) in the flattened batch, then B * T for the end and for every empty padding slot."""
+    B, T = doc_ids.shape
+    lengths = np.concatenate([np.bincount(row) for row in doc_ids])
+    cu = np.full(segment_capacity(B, T, len(lengths)) + 1, B * T, dtype=np.int32)
+    cu[0] = 0
+    cu[1:len(lengths) + 1] = np.cumsum(lengths)
+    return cu
 
 
 class PackedLoader:
@@ -185,11 +212,12 @@ class PackedLoader:
                 segments[b, pos:pos + n] = segment
                 pos, segment = pos + n, segment + 1
                 self.carry = (s, shard, doc, offset + n) if offset + n < len(tokens) else None
+        cu_seqlens = torch.from_numpy(cu_seqlens_of(segments[:, :-1]))
         x, y, doc_ids = (torch.from_numpy(a) for a in (rows[:, :-1], rows[:, 1:], segments[:, :-1]))
-        x, y, doc_ids = x.contiguous(), y.contiguous(), doc_ids.contiguous()
+        batch = (x.contiguous(), y.contiguous(), doc_ids.contiguous(), cu_seqlens)
         if self.device is not None and self.device.type == "cuda":
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in (x, y, doc_ids))
-        return x, y, doc_ids
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        return batch
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -10,15 +10,17 @@ Use:
     from model import ModelConfig, Transformer
     model = Transformer(ModelConfig(family="llama", n_layer=10, n_head=8, n_kv_head=2, d_model=512))
     logits, _ = model(idx)                             # idx [B, T] -> fp32 logits [B, T, vocab]
-    _, loss = model(idx, targets, doc_ids=doc_ids)     # packed rows, doc_ids [B, T] from data.PackedLoader
+    _, loss = model(idx, targets, doc_ids, cu_seqlens) # packed rows, as data.PackedLoader ships them
     model.compile_layers()                             # how train.py and bench.py compile
     out = model.generate(idx, max_new_tokens=50, top_k=50)
 
 Packed rows: a token attends only to earlier tokens of its own document, under every attention backend
-(attn_impl): eager (the reference), sdpa, flex_attention (recommended on GPU), flash_attention_2. The mask is
-built once per forward, outside compiled code, and handed to every layer. With targets the loss comes from a
+(attn_impl): eager (the reference), sdpa, flex_attention (recommended on GPU), flash_attention_2 (flash-attn's
+varlen kernel, or torch's own torch.nn.attention.varlen when flash-attn is not installed). The mask is built once
+per forward, outside compiled code, and handed to every layer. With targets the loss comes from a
 chunked head + cross-entropy that never holds fp32 logits for the whole batch. Presets live in config/*.py.
 """
+import importlib
 import math
 import re
 from dataclasses import dataclass
@@ -162,28 +164,55 @@ def doc_causal_block_mask(doc_ids, B, T, device):
 
 
 def doc_cu_seqlens(doc_ids, B, T, device):
-    """int32 [n_docs + 1] start offsets of the documents in the flattened [B*T] batch, for flash_attn_varlen_func."""
+    """int32 [n_docs + 1] start offsets of the documents in the flattened [B*T] batch, for callers that have
+    doc_ids but no cu_seqlens (data.PackedLoader ships them: pass those, this is the fallback)."""
     if doc_ids is None:
         return torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device)
     starts = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True)  # every row starts a document
-    # nonzero's output size depends on the data, so this is a host-device sync, the only one in the forward
-    # pass. A fixed-size cu_seqlens padded with empty documents avoids it, but makes flash launch B*T
-    # sequences' worth of blocks; to drop the sync, have the loader ship cu_seqlens instead.
+    # nonzero's output size depends on the data, so this is a host-device sync: the reason the loader ships
+    # cu_seqlens with the batch.
     cu = starts.flatten().nonzero().flatten().to(torch.int32)
     return F.pad(cu, (0, 1), value=B * T)
 
 
-def _flash_attn_varlen():
-    """flash-attn is CUDA-only and not in requirements.txt: imported only when attn_impl chooses it."""
+def attended_pairs(cu_seqlens):
+    """Unmasked (query, key) pairs of document-causal attention over a batch: sum over segments of L(L+1)/2, an
+    int64 tensor on cu_seqlens' device (no sync; padding slots have L = 0). Divided by B * T^2 it is the
+    attn_fraction of Transformer.flops_per_token; train.py and bench.py both count MFU this way."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return (lengths * (lengths + 1) // 2).sum()
+
+
+def _flash_attn_varlen_func(q, k, v, cu_seqlens, max_len):
+    from flash_attn import flash_attn_varlen_func  # GQA: flash-attn takes fewer k/v heads as they are
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+
+
+def _torch_varlen_attn(q, k, v, cu_seqlens, max_len):
+    from torch.nn.attention.varlen import varlen_attn  # torch's Flash Attention 2 kernels; window (-1, 0) = causal
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(-1, 0),
+                       enable_gqa=q.size(1) != k.size(1))
+
+
+def varlen_kernel():
+    """The flash_attention_2 backend's kernel, f(q, k, v [B*T, heads, hd], cu_seqlens, max_len) -> [B*T, H, hd]:
+    flash-attn's when it is installed (optional, not in requirements.txt), else torch.nn.attention.varlen (torch
+    2.10 and later), which needs no extra package. Both are CUDA-only and want bf16/fp16 inputs (autocast)."""
     if not torch.cuda.is_available():
         raise RuntimeError("attn_impl='flash_attention_2' needs a CUDA GPU and this machine has none; "
                            "use attn_impl='sdpa' (or 'flex_attention' for CPU inference)")
     try:
-        from flash_attn import flash_attn_varlen_func
+        import flash_attn  # noqa: F401
+        return _flash_attn_varlen_func
+    except ImportError:
+        pass
+    try:
+        importlib.import_module("torch.nn.attention.varlen")
     except ImportError as e:
-        raise ImportError("attn_impl='flash_attention_2' needs the flash-attn package (pip install flash-attn "
-                          "--no-build-isolation); or use attn_impl='flex_attention' or 'sdpa'") from e
-    return flash_attn_varlen_func
+        raise ImportError(f"attn_impl='flash_attention_2' needs the flash-attn package (pip install flash-attn "
+                          f"--no-build-isolation) or torch >= 2.10 (torch.nn.attention.varlen; this is torch "
+                          f"{torch.__version__}); or use attn_impl='flex_attention' or 'sdpa'") from e
+    return _torch_varlen_attn
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,7 +258,7 @@ class Attention(nn.Module):
         # Per-head RMSNorm on q and k before RoPE (Qwen3): bounds the attention logits.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.flash_fn = _flash_attn_varlen() if cfg.attn_impl == "flash_attention_2" else None
+        self.varlen_fn = varlen_kernel() if cfg.attn_impl == "flash_attention_2" else None
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         B, T, _ = x.shape
@@ -241,11 +270,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_head != self.n_head
         if self.attn_impl == "flash_attention_2" and kv_cache is None:
-            cu_seqlens, max_seqlen = mask  # flash wants [B*T, heads, hd] and bf16/fp16 (autocast)
-            y = self.flash_fn(q.reshape(B * T, self.n_head, self.head_dim),
-                              k.reshape(B * T, self.n_kv_head, self.head_dim),
-                              v.reshape(B * T, self.n_kv_head, self.head_dim),
-                              cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+            cu_seqlens, max_len = mask  # varlen wants [B*T, heads, hd]: the projections' own layout, no transpose
+            if q.dtype == torch.float32:
+                raise RuntimeError("attn_impl='flash_attention_2' runs in bf16/fp16 only: train with "
+                                   "dtype='bfloat16' (autocast), or use attn_impl='flex_attention' or 'sdpa'")
+            y = self.varlen_fn(q.reshape(B * T, self.n_head, self.head_dim),
+                               k.reshape(B * T, self.n_kv_head, self.head_dim),
+                               v.reshape(B * T, self.n_kv_head, self.head_dim), cu_seqlens, max_len)
             return self.o_proj(y.reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if kv_cache is not None:
@@ -403,14 +434,17 @@ class Transformer(nn.Module):
                 for lin in (a.o_proj, f.down):
                     nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def build_mask(self, doc_ids, B, T, device):
+    def build_mask(self, doc_ids, B, T, device, cu_seqlens=None):
         """The attention mask of one forward, for every layer: None (sdpa, plain causal), a bool tensor (eager,
-        sdpa), a BlockMask (flex_attention) or (cu_seqlens, max_seqlen) (flash_attention_2)."""
+        sdpa), a BlockMask (flex_attention) or (cu_seqlens, max_len) (flash_attention_2)."""
         impl = self.config.attn_impl
         if impl == "flex_attention":
             return doc_causal_block_mask(doc_ids, B, T, device)
         if impl == "flash_attention_2":
-            return doc_cu_seqlens(doc_ids, B, T, device), T  # T bounds every document: no .item() needed
+            if cu_seqlens is None:
+                cu_seqlens = doc_cu_seqlens(doc_ids, B, T, device)
+            # max_len = T bounds every document with no .item() (a sync), and stays fixed batch after batch
+            return cu_seqlens, T
         if doc_ids is not None:
             return doc_causal_dense(doc_ids)
         return torch.ones(T, T, dtype=torch.bool, device=device).tril() if impl == "eager" else None
@@ -427,8 +461,11 @@ class Transformer(nn.Module):
             kv_cache.pos += T
         return self.norm(x)
 
-    def forward(self, idx, targets=None, doc_ids=None):
-        """(fp32 logits [B, T, vocab], None) without targets; (None, mean cross-entropy) with targets [B, T]."""
+    def forward(self, idx, targets=None, doc_ids=None, cu_seqlens=None):
+        """(fp32 logits [B, T, vocab], None) without targets; (None, mean cross-entropy) with targets [B, T].
+        doc_ids [B, T] and cu_seqlens (int32, padded) describe the same packed documents, as data.PackedLoader
+        ships them: flash_attention_2 reads cu_seqlens (or derives it from doc_ids, with a sync), the others
+        doc_ids. Neither: plain causal rows."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}; "
@@ -436,7 +473,7 @@ class Transformer(nn.Module):
         if self.config.attn_impl == "flex_attention" and idx.device.type == "cpu" and torch.is_grad_enabled():
             raise RuntimeError("attn_impl='flex_attention' cannot train on CPU: torch's flex_attention has no CPU "
                                "backward. Use attn_impl='sdpa' on CPU (flex runs on CPU under torch.no_grad()).")
-        h = self.hidden(idx, self.build_mask(doc_ids, B, T, idx.device))
+        h = self.hidden(idx, self.build_mask(doc_ids, B, T, idx.device, cu_seqlens))
         if targets is None:
             return self.lm_head(h).float(), None
         return None, self.loss_fn(h.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))

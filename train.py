@@ -39,6 +39,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
@@ -279,16 +280,27 @@ def make_loaders(split, subset=None):
 
 
 def next_batch(loaders):
-    """This rank's (x, y, doc_ids): read locally, or received from rank 0 with dispatch_batches."""
+    """This rank's (x, y, doc_ids, cu_seqlens): read locally, or received from rank 0 with dispatch_batches."""
     if not dispatch_batches:
         return loaders[0].next_batch()
-    batch = torch.empty(3, batch_size, block_size, dtype=torch.long, device=device)
-    chunks = [torch.stack(loader.next_batch()).to(device) for loader in loaders] if master else None
+    # One flat int64 buffer per rank: x, y, doc_ids, then cu_seqlens padded to the longest of this step's (its
+    # length is a fixed function of the batch shape unless a batch has unusually many documents, see
+    # data.segment_capacity). The ranks learn that length from rank 0 on the host group: no GPU sync.
+    n_tokens = batch_size * block_size
+    batches = [loader.next_batch() for loader in loaders] if master else None
+    length = torch.tensor([max(b[3].numel() for b in batches) if master else 0])
     if ddp:
-        dist.scatter(batch, chunks, src=0)
+        dist.broadcast(length, src=0, group=cpu_group)
+    length = int(length)
+    chunks = [torch.cat([*(t.flatten() for t in b[:3]), F.pad(b[3].long(), (0, length - b[3].numel()), value=n_tokens)])
+              .to(device) for b in batches] if master else None
+    flat = torch.empty(3 * n_tokens + length, dtype=torch.long, device=device)
+    if ddp:
+        dist.scatter(flat, chunks, src=0)
     else:
-        batch = chunks[0]
-    return batch[0], batch[1], batch[2]
+        flat = chunks[0]
+    x, y, doc_ids = flat[:3 * n_tokens].view(3, batch_size, block_size)
+    return x, y, doc_ids, flat[3 * n_tokens:].int()
 
 
 train_loaders = make_loaders("train")
@@ -403,9 +415,9 @@ def evaluate():
         loaders = make_loaders("val", subset)
         total = torch.zeros((), device=device)
         for _ in range(eval_iters):
-            x, y, doc_ids = next_batch(loaders)
+            x, y, doc_ids, cu_seqlens = next_batch(loaders)
             with autocast:
-                _, loss = model(x, y, doc_ids)
+                _, loss = model(x, y, doc_ids, cu_seqlens)
             total += loss.float()
         if ddp:
             dist.all_reduce(total)
@@ -483,13 +495,13 @@ def forward_backward():
     loss_sum = torch.zeros((), device=device)
     batches = []
     for micro in range(grad_accum):
-        x, y, doc_ids = next_batch(train_loaders)
+        x, y, doc_ids, cu_seqlens = next_batch(train_loaders)
         if log_checksums:
             batches.append(x)
         sync = nullcontext() if not ddp or micro == grad_accum - 1 else ddp_model.no_sync()
         with sync:  # the forward too must be inside no_sync, or DDP still reduces
             with autocast:
-                _, loss = ddp_model(x, y, doc_ids)
+                _, loss = ddp_model(x, y, doc_ids, cu_seqlens)
             (loss / grad_accum).backward()
         loss_sum += loss.detach().float() / grad_accum
     return loss_sum, batches

@@ -17,7 +17,7 @@ import tiktoken
 import torch
 
 from conftest import ROOT, run_prepare, write_hub_layout, write_subset_file
-from data import DataError, PackedLoader, count_tokens
+from data import DataError, PackedLoader, count_tokens, cu_seqlens_of, segment_capacity
 
 EOT = 50256
 
@@ -268,7 +268,7 @@ def epoch_documents(loader, epochs=1):
     """Every document this rank emits in its first `epochs` epochs, as token tuples, read back from the stream."""
     stream = []
     while loader.epoch < epochs:  # a new epoch starts only once the last document was fully emitted
-        x, y, _ = loader.next_batch()
+        x, y, *_ = loader.next_batch()
         for b in range(x.shape[0]):
             stream.append(x[b].numpy())
             stream.append(y[b, -1:].numpy())
@@ -336,8 +336,13 @@ def test_doc_ids_follow_document_boundaries(prepared_data):
     loader = PackedLoader(prepared_data, block_size=256, batch_size=4)
     documents = set(all_documents(prepared_data, "cosmopedia-v2") + all_documents(prepared_data, "fineweb-edu-dedup"))
     for _ in range(5):
-        x, y, doc_ids = loader.next_batch()
+        x, y, doc_ids, cu_seqlens = loader.next_batch()
         assert x.dtype == y.dtype == doc_ids.dtype == torch.int64 and x.shape == doc_ids.shape == (4, 256)
+        # cu_seqlens: the same segments as start offsets in the flattened batch, padded to a fixed size
+        flat = (doc_ids + 1000 * torch.arange(4)[:, None]).flatten()  # segment ids unique across rows
+        starts = [0] + [t for t in range(1, 4 * 256) if flat[t] != flat[t - 1]]
+        assert cu_seqlens.dtype == torch.int32 and len(cu_seqlens) == segment_capacity(4, 256, len(starts)) + 1
+        assert cu_seqlens.tolist() == starts + [4 * 256] * (len(cu_seqlens) - len(starts))
         assert torch.equal(x[:, 1:], y[:, :-1])
         for b in range(4):
             ids, row = doc_ids[b].tolist(), x[b].tolist()
@@ -349,6 +354,18 @@ def test_doc_ids_follow_document_boundaries(prepared_data):
                 assert tuple(row[a:c]) in documents
 
 
+def test_cu_seqlens_padding_and_capacity():
+    # rows of 8 tokens: row 0 holds segments of 3 and 5 tokens, row 1 one of 8
+    doc = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8])
+    assert segment_capacity(2, 8, 3) == 8
+    assert cu_seqlens_of(doc).tolist() == [0, 3, 8, 16] + [16] * 5  # 8 slots + 1
+    # more segments than slots: the capacity doubles (a pure function of the batch, so a resume pads alike)
+    many = np.tile(np.arange(8), (2, 1))  # 16 one-token segments
+    assert segment_capacity(2, 8, 16) == 16
+    assert cu_seqlens_of(many).tolist() == list(range(17))
+    assert segment_capacity(8, 4096, 49) == 128 and segment_capacity(8, 4096, 129) == 256
+
+
 def test_state_dict_resumes_exactly(prepared_data):
     a = PackedLoader(prepared_data, block_size=48, batch_size=3, rank=1, world_size=2, seed=5)
     for _ in range(40):
@@ -358,7 +375,9 @@ def test_state_dict_resumes_exactly(prepared_data):
     b = PackedLoader(prepared_data, block_size=48, batch_size=3, rank=1, world_size=2, seed=5)
     b.load_state_dict(state)
     for _ in range(400):   # far enough to cross into the next epoch
-        for ta, tb in zip(a.next_batch(), b.next_batch()):
+        batch_a, batch_b = a.next_batch(), b.next_batch()
+        assert len(batch_a) == len(batch_b) == 4  # x, y, doc_ids and cu_seqlens all resume exactly
+        for ta, tb in zip(batch_a, batch_b):
             assert torch.equal(ta, tb)
     assert a.epoch == b.epoch >= 1
     c = PackedLoader(prepared_data, block_size=48, batch_size=3, rank=0, world_size=3, seed=5)
