@@ -5,18 +5,27 @@ Checkpoint files of a run: `out_dir/ckpt-NNNNNNNN.pt`, NNNNNNNN being the optimi
                                          newest keep_last. A crash mid-save, even kill -9, leaves only a .tmp file,
                                          which nothing reads, and the previous checkpoints intact.
     latest(out_dir) -> path or None      the newest complete checkpoint
-    load(path) -> dict                   torch.load(mmap=True, weights_only=True) on the CPU, or one clear error: the
-                                         tensors stay in the file's page cache, so the ranks of a node share one copy
-                                         instead of each reading the whole checkpoint into its own memory
+    load(path) -> dict                   verify the checksums, then torch.load(mmap=True, weights_only=True) on the
+                                         CPU, or one clear error: the tensors stay in the file's page cache, so the
+                                         ranks of a node share one copy instead of each reading the whole checkpoint
+                                         into its own memory
 
 A checkpoint holds only tensors, plain containers, numbers and strings, so it loads with weights_only=True.
+
+Checksums: torch.save writes a zip archive that stores a CRC32 of every record (the pickle and each tensor's bytes);
+save() makes sure they are computed, and load() checks them all before unpickling (zipfile.testzip: about 2.4 GB/s on
+one CPU core, 0.2 s for 512 MB), so bytes changed on disk after the save are an error naming the file, not weights
+that turn into NaN a step later.
 """
 
 import glob
 import os
 import re
+import zipfile
 
 import torch
+
+import durable
 
 PATTERN = re.compile(r"ckpt-(\d{8})\.pt$")
 
@@ -41,12 +50,16 @@ def save(obj, out_dir, step, keep_last):
     os.makedirs(out_dir, exist_ok=True)
     path = path_for(out_dir, step)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old set of files or the new one, never half a file
-    _fsync_dir(out_dir)
+    compute_crc32 = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)  # the per-record checksums that load() verifies
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+    finally:
+        torch.serialization.set_crc32_options(compute_crc32)
+    durable.replace(tmp, path)  # readers see the old set of files or the new one, never half a file
     for old in all_checkpoints(out_dir)[:-keep_last]:
         os.remove(old)
     for stale in glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt.tmp")):  # left by a crash mid-save
@@ -54,18 +67,21 @@ def save(obj, out_dir, step, keep_last):
     return path
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def verify(path):
+    """Check every record of the checkpoint's zip archive against the CRC32 stored when it was written."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"record {bad} fails its CRC32 check: the file changed on disk after it was written")
 
 
 def load(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path} does not exist")
     try:
+        verify(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated file, not a checkpoint, or objects weights_only refuses
+    except Exception as e:  # truncated or overwritten bytes, not a checkpoint, or objects weights_only refuses
         raise SystemExit(
             f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"Move it away to resume from the previous checkpoint in {os.path.dirname(path) or '.'}."

@@ -15,8 +15,8 @@ Writes, under --out (default data/smollm):
 Each document is stored as [<|endoftext|>] + encode_ordinary(text) with GPT-2's BPE (tiktoken r50k_base), so
 every document opens with the end-of-text token. Null and empty texts are skipped and counted.
 
-Crash-safe: every shard is written under a .tmp name and renamed when complete, and meta.json is rewritten
-atomically after each source file; a rerun skips finished files and redoes an unfinished one, giving output
+Crash-safe: every shard is written under a .tmp name, fsynced and renamed when complete (the directory fsynced too, so
+a power cut cannot lose the rename), and meta.json is rewritten atomically after each source file; a rerun skips finished files and redoes an unfinished one, giving output
 byte-identical to an uninterrupted run.
 """
 import argparse
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+
+import durable
 
 REPO_ID = "HuggingFaceTB/smollm-corpus"
 REVISION = "3ba9d605774198c5868892d7a8deda78031a781f"  # pinned, so that a rerun months later reads the same files
@@ -185,8 +187,8 @@ class ShardWriter:
             np.concatenate(self.offsets).tofile(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(f"{self.bin_path}.tmp", self.bin_path)
-        os.replace(f"{self.idx_path}.tmp", self.idx_path)
+        durable.replace(f"{self.bin_path}.tmp", self.bin_path)
+        durable.replace(f"{self.idx_path}.tmp", self.idx_path)
         return {"docs": self.docs, "tokens": self.tokens}
 
 
@@ -219,7 +221,7 @@ def write_json_atomic(path, obj):
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable.replace(tmp, path)
 
 
 def load_or_new_meta(out, source, revision, files, val_docs):

@@ -139,6 +139,32 @@ def test_no_space_left_is_a_clear_error(tmp_path):
     assert proc.returncode == 1 and "no space left" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_prepare_fsyncs_the_directory_after_each_rename(tmp_path, monkeypatch):
+    """A rename is durable only once its directory is fsynced (else a power cut can undo it): every os.replace of
+    a shard or of meta.json is followed at once by an fsync of the directory it renamed into."""
+    import prepare
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [5, 5], "fineweb-edu-dedup": [5]})
+    events, real_replace, real_fsync = [], os.replace, os.fsync
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        events.append(("replace", os.path.dirname(os.path.realpath(dst)), os.path.basename(dst)))
+
+    def fsync(fd):
+        real_fsync(fd)
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    prepare.prepare(str(tmp_path / "hub"), str(tmp_path / "out"), list(prepare.SUBSETS), 1.0, 2, 1, False,
+                    prepare.REVISION)
+    renames = [i for i, e in enumerate(events) if e[0] == "replace"]
+    # meta.json after each of the 3 files; .bin and .idx of 3 train shards and 2 val shards
+    assert [events[i][2] for i in renames].count("meta.json") == 3 and len(renames) == 3 + 2 * 5
+    for i in renames:
+        assert events[i + 1] == ("fsync", events[i][1]), f"{events[i]} is not followed by an fsync of its directory"
+
+
 def test_token_ids_that_do_not_fit_uint16_are_refused():
     import prepare
     base = tiktoken.get_encoding("r50k_base")
