@@ -25,6 +25,7 @@ appeared, before anything is saved: no checkpoint ever holds NaN weights.
 """
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -99,6 +100,8 @@ train_tokens = 0  # tokens the schedule spans (cosine ends here); 0 = one epoch 
 max_steps = 0  # stop after this step, with a checkpoint, without changing the schedule; 0 = run to the end
 # DDP
 backend = "auto"  # 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
+dist_timeout_s = 0  # seconds a collective waits for a late rank before the run fails; 0 = torch's (NCCL 10 min)
+save_timeout_s = 3600  # seconds the other ranks wait for rank 0 to write a checkpoint (gloo, not dist_timeout_s)
 # system
 device = "auto"  # 'auto' (cuda if available) | 'cuda' | 'cpu' (cpu = no accelerator)
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA and on CPUs with native bf16, else float32) | 'bfloat16' | 'float32'
@@ -153,6 +156,8 @@ if min(batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval, 
     die("batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval and save_interval must be >= 1")
 if min(max_steps, train_tokens, warmup_tokens, eval_interval, grad_clip, step_cadence) < 0 or step_cadence == 0:
     die("max_steps, train_tokens, warmup_tokens, eval_interval and grad_clip must be >= 0, step_cadence > 0")
+if dist_timeout_s < 0 or save_timeout_s <= 0:
+    die(f"dist_timeout_s={dist_timeout_s} must be >= 0 (0 = torch's default) and save_timeout_s={save_timeout_s} > 0")
 if min_lr > lr:
     die(f"min_lr={min_lr} is above lr={lr}; the cosine decays from lr down to min_lr")
 if wandb_log and master:
@@ -208,9 +213,14 @@ if read_meta(data_dir)["vocab_size"] > vocab_size:
 if ddp:
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, device_id=torch.device("cuda", local_rank) if device == "cuda" else None)
+    timeout = datetime.timedelta(seconds=dist_timeout_s) if dist_timeout_s else None
+    dist.init_process_group(backend, device_id=torch.device("cuda", local_rank) if device == "cuda" else None,
+                            timeout=timeout)
     # the per-step stop vote runs on CPU numbers over gloo, so it never waits for the GPU (see agree_to_stop)
-    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    # While rank 0 writes a checkpoint the other ranks wait in a barrier of this group (see save_checkpoint), not in
+    # the next step's collectives, whose timeout (NCCL's watchdog: 10 minutes) a big or slow save could outlast.
+    save_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=save_timeout_s))
 device = f"cuda:{local_rank}" if device == "cuda" else "cpu"
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
@@ -400,6 +410,8 @@ def save_checkpoint():
         }
         path = checkpoint.save(state, out_dir, step, keep_last)
         print0(f"saved {path}")
+    if ddp:
+        dist.barrier(group=save_group)
 
 
 # -----------------------------------------------------------------------------
@@ -593,7 +605,7 @@ while step < stop_step and tokens_seen < train_tokens:
                 record["param_checksum"], record["batch_checksum"] = sums
             log_record(record)
             mfu_text = f" | mfu {mfu:.1%}" if mfu is not None else ""
-            print(f"step {step}/{planned_steps} | loss {loss:.4f} | lr {lr_now:.2e} | norm {grad_norm.item():.3f} | "
+            print(f"step {step}/{stop_step} | loss {loss:.4f} | lr {lr_now:.2e} | norm {grad_norm.item():.3f} | "
                   f"{tokens_per_sec:,.0f} tok/s{mfu_text} | mem {record['peak_mem_gb']:.2f} GB | "
                   f"{fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}", flush=True)
     if eval_now:

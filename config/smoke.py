@@ -16,5 +16,6 @@ lr = 1e-3            # for a batch of one sequence: x sqrt(4) = 2e-3 peak
 eval_interval = 100
 eval_iters = 10      # 10 x 4 x 256 = 10k val tokens per subset
 log_interval = 10
+save_interval = 50    # a checkpoint every ~40 s: stop it (Ctrl-C) or kill it and rerun the command to resume
 compile = False
 out_dir = "out/smoke"

@@ -8,6 +8,7 @@ the resume, dispatch and grad-accumulation runs.
 import json
 import math
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,7 @@ def test_dispatch_then_exact_resume_with_two_ranks(base2, prepared_data, tmp_pat
     # Steps 1-3 with rank 0 reading all data and scattering it: each rank gets the batches it would have read.
     proc = train(tmp_path, prepared_data, *BASE2, "--dispatch_batches=True", "--max_steps=3", ranks=2)
     assert "saved" in proc.stdout and sorted(records(tmp_path)) == [1, 2, 3]  # stopped early, after a checkpoint
+    assert "step 3/3 |" in proc.stdout  # the step counter counts to where this run stops, not the schedule's end (8)
     assert checkpoint.latest(str(tmp_path)).endswith("ckpt-00000003.pt")
     base = records(base2)
     for s, r in records(tmp_path).items():
@@ -350,3 +352,37 @@ def test_sample_prints_text(base2):
     assert proc.returncode == 0, proc.stderr
     proc = run(["--out_dir=/nonexistent/run", "--device=cpu"], script="sample.py")
     assert_one_clear_error(proc, "no checkpoint (ckpt-*.pt) in /nonexistent/run")
+
+
+def test_smoke_preset_saves_often_enough_to_show_resume():
+    smoke = runpy.run_path(str(ROOT / "config" / "smoke.py"))
+    steps = math.ceil(smoke["train_tokens"] / (smoke["batch_size"] * smoke["block_size"]))
+    assert steps >= 4 * smoke["save_interval"], "killing a smoke run must leave checkpoints to resume from"
+
+
+def test_a_save_longer_than_the_collective_timeout_does_not_kill_the_run(prepared_data, tmp_path):
+    # Rank 0 is frozen in the middle of writing a checkpoint (as on a stalled filesystem) for twice the process
+    # group's timeout; rank 1 waits for it in the gloo save barrier (save_timeout_s), not in the next step's all-reduce.
+    out = tmp_path / "run"
+    args = TINY + ["--batch_size=2", "--train_tokens=10000000", "--eval_interval=0", "--save_interval=1",
+                   "--max_steps=12", "--log_checksums=False", "--dist_timeout_s=3"]
+    proc = start(out, prepared_data, *args, ranks=2)
+    try:
+        wait_for(lambda: len(checkpoint.all_checkpoints(str(out))) >= 1, 60, proc, "a first checkpoint")
+        rank0 = worker_pids(proc.pid)[0]
+        for attempt in range(200):
+            wait_for(lambda: any(out.glob("*.pt.tmp")), 30, proc, "a checkpoint being written")
+            os.kill(rank0, signal.SIGSTOP)
+            if any(out.glob("*.pt.tmp")):
+                break
+            os.kill(rank0, signal.SIGCONT)
+        frozen_at = list(out.glob("*.pt.tmp"))
+        time.sleep(6)
+        os.kill(rank0, signal.SIGCONT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    text = output(out)
+    assert len(frozen_at) == 1, "rank 0 was not stopped mid-save"
+    assert proc.returncode == 0, text[-3000:]
+    assert checkpoint.latest(str(out)).endswith("ckpt-00000012.pt") and sorted(records(out)) == list(range(1, 13))
