@@ -250,6 +250,14 @@ if init_from == "resume" and ckpt_path is None:
 if init_from == "scratch" and ckpt_path:
     die(f"init_from='scratch' but {out_dir} already holds checkpoints (newest {ckpt_path}): a new run there would mix "
         f"with them. Use another --out_dir, or delete them (or --init_from=auto to continue that run)")
+if ddp:  # every rank resumes from rank 0's checkpoint: on several nodes out_dir must be one shared directory
+    seen = [None] * world_size
+    dist.all_gather_object(seen, os.path.basename(ckpt_path) if ckpt_path else None)
+    odd = next((r for r, name in enumerate(seen) if name != seen[0]), None)
+    if odd is not None:
+        die(f"the ranks see different checkpoints in out_dir={out_dir}: rank 0 {seen[0] or 'none'}, rank {odd} "
+            f"{seen[odd] or 'none'}. With several nodes, out_dir must be one directory shared by all of them (e.g. "
+            f"on a network filesystem), so that every rank resumes from the checkpoints rank 0 writes")
 ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
 
 

@@ -11,6 +11,7 @@ import os
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -386,3 +387,84 @@ def test_a_save_longer_than_the_collective_timeout_does_not_kill_the_run(prepare
     assert len(frozen_at) == 1, "rank 0 was not stopped mid-save"
     assert proc.returncode == 0, text[-3000:]
     assert checkpoint.latest(str(out)).endswith("ckpt-00000012.pt") and sorted(records(out)) == list(range(1, 13))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nodes(out_dir, data, *args, nodes=2):
+    """`nodes` torchrun agents of one rank each, meeting at a c10d rendezvous on the loopback address, as on nodes
+    sharing out_dir and data_dir. Each agent's output goes to out_dir/../node<i>.txt."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = []
+    for i in range(nodes):
+        with open(Path(out_dir).parent / f"node{i}.txt", "w") as f:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
+                 "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=smoltrain-test", "train.py",
+                 f"--data_dir={data}", f"--out_dir={out_dir}", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_nodes(procs, out_dir, timeout=90):
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            p.kill()
+    texts = [(Path(out_dir).parent / f"node{i}.txt").read_text() for i in range(len(procs))]
+    for p, text in zip(procs, texts):
+        assert p.returncode == 0, text[-3000:]
+    return "\n".join(texts)
+
+
+def test_two_nodes_equal_one_node_with_stop_and_resume(base2, prepared_data, tmp_path):
+    out = tmp_path / "run"
+    procs = start_nodes(out, prepared_data, *BASE2)
+    try:  # preempt rank 1 (on whichever node the rendezvous put it): both nodes stop after the same step, rank 0 saves
+        wait_for(lambda: logged_steps(out) >= 2, 60, procs[0], "2 logged steps")
+        ranks = {r: pid for p in procs for r, pid in worker_pids(p.pid).items()}
+        os.kill(ranks[1], signal.SIGTERM)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    text = wait_nodes(procs, out)
+    assert "stopping on a signal on another rank after step" in text
+    stopped = max(records(out))
+    assert 2 <= stopped < 8 and checkpoint.latest(str(out)).endswith(f"ckpt-{stopped:08d}.pt")
+    # the same command again resumes on both nodes and ends where the one-node run ended, bit for bit
+    text = wait_nodes(start_nodes(out, prepared_data, *BASE2), out)
+    assert f"resuming from {out / f'ckpt-{stopped:08d}.pt'}: step {stopped}" in text
+    base, lines = records(base2), [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 9))  # one writer: every step logged once
+    for s, r in records(out).items():
+        for key in ("loss", "param_checksum", "batch_checksum", "lr"):
+            assert r[key] == base[s][key], f"step {s}: {key} {r[key]} != {base[s][key]} of the one-node run"
+    assert records(out, "val_loss/cosmopedia-v2") == records(base2, "val_loss/cosmopedia-v2")
+    saved = [int(Path(p).name[5:13]) for p in checkpoint.all_checkpoints(str(out))]
+    assert saved == sorted({stopped, 4, 8}) and not list(out.glob("*.tmp"))
+
+
+def test_nodes_that_do_not_share_out_dir_are_refused(base2, prepared_data, tmp_path):
+    (tmp_path / "a").mkdir()
+    shutil.copy(base2 / "ckpt-00000004.pt", tmp_path / "a")
+    endpoint, procs = f"127.0.0.1:{free_port()}", []
+    for node, out in enumerate(["a", "b"]):  # node 0 has a checkpoint in its out_dir, node 1 an empty one
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+             f"--rdzv_endpoint={endpoint}", "--rdzv_id=smoltrain-test", "train.py", f"--data_dir={prepared_data}",
+             f"--out_dir={tmp_path / out}", *BASE2], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        texts = [p.communicate(timeout=90)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode != 0 for p in procs)
+    assert "the ranks see different checkpoints" in "".join(texts) and "ckpt-00000004.pt" in "".join(texts)
+    assert "one directory shared by all of them" in "".join(texts)
+    assert not (tmp_path / "b" / "log.jsonl").exists() and not (tmp_path / "a" / "log.jsonl").exists()
