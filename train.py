@@ -13,8 +13,9 @@ Check a configuration without training (prints config, model size, tokens per st
 Configuration: the defaults below, then the config files and --key=value overrides on the command line, in order
 (configurator.py). Reads data_dir (written by prepare.py). Writes out_dir/ckpt-NNNNNNNN.pt (the newest keep_last of
 them; see checkpoint.py) and out_dir/log.jsonl, one JSON object a line: training records {"step", "loss" (mean over
-ranks and micro-steps), "lr", "grad_norm", "tokens_per_sec", "mfu", ...}, validation records {"step",
-"val_loss/<subset>"}. A resume drops the records of steps after its checkpoint, so the file reads as one run.
+ranks and micro-steps), "lr", "grad_norm", "tokens_per_sec", "mfu", ...}, validation records {"step", "tokens",
+"val_loss/<subset>"}, with sample_interval text samples {"step", "samples": [{"prompt", "greedy", "sampled"}]}. A resume
+drops the records of steps after its checkpoint, so the file reads as one run. plot.py draws the curves.
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) on any rank makes every rank finish its step, save a checkpoint and exit 0; run
 the same command again to continue (init_from='auto' resumes from the newest checkpoint in out_dir). torchrun forwards
@@ -38,6 +39,7 @@ import time
 from contextlib import nullcontext
 
 import numpy as np
+import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 from configurator import configure
-from data import PackedLoader, count_tokens, read_meta
+from data import TOKENIZER, PackedLoader, count_tokens, read_meta
 from model import ModelConfig, Transformer, default_attn_impl, default_dtype, gpu_peak_tflops
 
 # -----------------------------------------------------------------------------
@@ -60,6 +62,7 @@ eval_interval = 1000  # steps between validation passes (0 = only at the end of 
 eval_iters = 20  # validation batches per rank and subset: the same fixed blocks every time
 log_interval = 10  # steps between log lines and log.jsonl records
 step_cadence = 1.0  # multiplies log/eval/save intervals, e.g. 0.25 after making each step 4x larger
+sample_interval = 0  # steps between greedy and sampled continuations of fixed prompts, printed and logged (0 = off)
 log_checksums = False  # log records carry per-rank parameter and batch checksums (for tests and debugging)
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = "smoltrain"
@@ -154,8 +157,9 @@ if attn_impl == "auto":
     attn_impl = default_attn_impl(device)
 if min(batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval, save_interval) < 1:
     die("batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval and save_interval must be >= 1")
-if min(max_steps, train_tokens, warmup_tokens, eval_interval, grad_clip, step_cadence) < 0 or step_cadence == 0:
-    die("max_steps, train_tokens, warmup_tokens, eval_interval and grad_clip must be >= 0, step_cadence > 0")
+if min(max_steps, train_tokens, warmup_tokens, eval_interval, sample_interval, grad_clip, step_cadence) < 0 or step_cadence == 0:
+    die("max_steps, train_tokens, warmup_tokens, eval_interval, sample_interval and grad_clip must be >= 0, "
+        "step_cadence > 0")
 if dist_timeout_s < 0 or save_timeout_s <= 0:
     die(f"dist_timeout_s={dist_timeout_s} must be >= 0 (0 = torch's default) and save_timeout_s={save_timeout_s} > 0")
 if min_lr > lr:
@@ -178,7 +182,8 @@ peak_lr, final_lr = lr * lr_scale, min_lr * lr_scale
 if train_tokens == 0 and not (dry_run and not os.path.exists(os.path.join(data_dir, "meta.json"))):
     train_tokens = count_tokens(data_dir, "train")  # one epoch; a dry run without data leaves it unknown
 planned_steps = math.ceil(train_tokens / tokens_per_step)
-log_every, eval_every, save_every = (max(1, round(i * step_cadence)) for i in (log_interval, eval_interval, save_interval))
+log_every, eval_every, save_every, sample_every = (max(1, round(i * step_cadence))
+                                                   for i in (log_interval, eval_interval, save_interval, sample_interval))
 
 
 def describe_plan(n_params):
@@ -446,6 +451,36 @@ def evaluate():
     return losses
 
 
+SAMPLE_PROMPTS = ("Photosynthesis is", "The history of the city", "To solve the equation")
+SAMPLE_TOKENS = 24  # new tokens per continuation
+
+
+@torch.no_grad()
+def sample_text():
+    """A greedy and a sampled (temperature 0.8, top 50) continuation of each of SAMPLE_PROMPTS. Every rank runs it
+    (a sharded model needs them all), with a private RNG so that training's random stream is untouched; compiled
+    layers run eagerly here, as generation changes shapes every token."""
+    enc = tiktoken.get_encoding(TOKENIZER)
+
+    def text(ids):
+        ids = ids[0].tolist()
+        ids = ids[:ids.index(enc.eot_token)] if enc.eot_token in ids else ids  # a document ends at <|endoftext|>
+        return enc.decode([t for t in ids if t < enc.n_vocab])
+
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+    model.eval()
+    samples = []
+    with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []), eager, autocast:
+        torch.manual_seed(seed + step)
+        for prompt in SAMPLE_PROMPTS:
+            idx = torch.tensor([[enc.eot_token] + enc.encode_ordinary(prompt)], device=device)
+            greedy = model.generate(idx, SAMPLE_TOKENS, temperature=0)[:, idx.size(1):]
+            sampled = model.generate(idx, SAMPLE_TOKENS, temperature=0.8, top_k=50)[:, idx.size(1):]
+            samples.append({"prompt": prompt, "greedy": text(greedy), "sampled": text(sampled)})
+    model.train()
+    return samples
+
+
 def get_lr(tokens):
     """LR for the step that starts after `tokens` tokens: linear warmup, then cosine down to final_lr."""
     if tokens < warmup_tokens:
@@ -480,10 +515,10 @@ def checksum(tensors):
 
 
 def log_record(record):
-    """Append one JSON object to out_dir/log.jsonl (and wandb); rank 0 only."""
+    """Append one JSON object to out_dir/log.jsonl (and wandb, numbers only); rank 0 only."""
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
-    if wandb_log:
+    if wandb_log and "samples" not in record:
         wandb.log(record, step=record["step"])
 
 
@@ -590,7 +625,8 @@ while step < stop_step and tokens_seen < train_tokens:
     new_epoch = epoch_seen is not None and epoch > epoch_seen
     epoch_seen = epoch
     save_now = done or (save_strategy == "steps" and step % save_every == 0) or (save_strategy == "epoch" and new_epoch)
-    if not (log_now or eval_now or save_now):
+    sample_now = sample_interval and (step % sample_every == 0 or done)
+    if not (log_now or eval_now or save_now or sample_now):
         continue
     loss, bad_step = check_health(loss, first_bad_step)
     if bad_step:
@@ -619,8 +655,14 @@ while step < stop_step and tokens_seen < train_tokens:
     if eval_now:
         losses = evaluate()
         if master:
-            log_record({"step": step, **losses})
+            log_record({"step": step, "tokens": tokens_seen, **losses})
             print("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
+    if sample_now:
+        samples = sample_text()
+        if master:
+            log_record({"step": step, "samples": samples})
+            for s in samples:
+                print(f"sample | {s['prompt']!r} | greedy: {s['greedy']!r} | sampled: {s['sampled']!r}", flush=True)
     if save_now:
         save_checkpoint()
     interval_steps, interval_start = 0, time.time()

@@ -1,0 +1,114 @@
+"""
+Draw the loss curves of one or more runs from their log.jsonl files, to compare them at a glance.
+
+    python plot.py out/smoke                           # writes curves.png
+    python plot.py out/a out/b --out=compare.png       # one colour per run
+    python plot.py out/a --smooth=0.95                 # heavier smoothing of the training loss
+
+Left panel: training loss against tokens seen, smoothed (an exponential moving average, bias-corrected as in Adam,
+arXiv 1412.6980 Sec. 3, so the first points are not pulled towards 0), over the raw loss drawn faintly. Right
+panel: each subset's validation loss against tokens, one line style per subset. Each argument is a run's out_dir
+(or its log.jsonl). Needs matplotlib (pip install matplotlib), imported only here.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+WIDTH_IN, HEIGHT_IN, DPI = 12, 4.5, 100  # the PNG is WIDTH_IN * DPI x HEIGHT_IN * DPI pixels
+STYLES = ("-", "--", ":", "-.")
+
+
+def read_log(path):
+    """(train records, validation records) of one run; a line cut short by a crash is skipped."""
+    log = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
+    if not os.path.isfile(log):
+        sys.exit(f"plot.py: no log at {log}; pass a run's out_dir (where train.py writes log.jsonl)")
+    train, val = [], []
+    with open(log) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in record:
+                train.append(record)
+            elif any(k.startswith("val_loss/") for k in record):
+                val.append(record)
+    return train, val
+
+
+def smooth(values, weight):
+    """Bias-corrected exponential moving average: the running mean after the first point is that point itself."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def val_tokens(val, train):
+    """Tokens seen at each validation record: logged since train.py records them, else read off the training
+    records by step (linear interpolation, for logs written before)."""
+    if all("tokens" in r for r in val):
+        return [r["tokens"] for r in val]
+    import numpy as np
+    steps, tokens = [r["step"] for r in train], [r["tokens"] for r in train]
+    return list(np.interp([r["step"] for r in val], steps, tokens)) if steps else [r["step"] for r in val]
+
+
+def plot(runs, out, smooth_weight=0.9):
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("plot.py needs matplotlib: pip install matplotlib (or pip install -r requirements-extras.txt)")
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    subsets = []
+    for i, run in enumerate(runs):
+        train, val = read_log(run)
+        name, colour = os.path.basename(os.path.normpath(run)), colours[i % len(colours)]
+        if train:
+            x, loss = [r["tokens"] for r in train], [r["loss"] for r in train]
+            ax_train.plot(x, loss, color=colour, alpha=0.25, linewidth=0.8)
+            ax_train.plot(x, smooth(loss, smooth_weight), color=colour, label=name)
+        for key in sorted({k for r in val for k in r if k.startswith("val_loss/")}):
+            subset = key.split("/", 1)[1]
+            if subset not in subsets:
+                subsets.append(subset)
+            points = [(t, r[key]) for t, r in zip(val_tokens(val, train), val) if key in r]
+            ax_val.plot(*zip(*points), color=colour, linestyle=STYLES[subsets.index(subset) % len(STYLES)],
+                        marker="o", markersize=3, label=f"{name} {subset}")
+        if not train and not val:
+            print(f"plot.py: {run} has no loss records yet", file=sys.stderr)
+    ax_train.set_title(f"training loss (EMA {smooth_weight})")
+    ax_val.set_title("validation loss")
+    for ax in (ax_train, ax_val):
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)  # no bbox_inches='tight': the image keeps its stated size
+    plt.close(fig)
+    return out
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Plot training and validation loss of smoltrain runs.")
+    parser.add_argument("runs", nargs="+", help="out_dir of each run (or a log.jsonl)")
+    parser.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
+    parser.add_argument("--smooth", type=float, default=0.9, help="EMA weight for the training loss, in [0, 1)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.smooth < 1:
+        parser.error(f"--smooth={args.smooth} must be in [0, 1): 0 = no smoothing, 0.99 = heavy")
+    print(f"wrote {plot(args.runs, args.out, args.smooth)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
