@@ -323,12 +323,12 @@ def export(out_dir="out", ckpt_path="", to="", target="auto", dtype="float32", c
         raise ExportError(f"--dtype={dtype!r} is unknown; choose float32, bfloat16 or float16")
     if os.path.isdir(to) and os.listdir(to) and not overwrite:
         raise ExportError(f"--to={to} exists and is not empty; choose another folder or pass --overwrite=True")
-    need("transformers")
-    need("safetensors")
     model, path, step = load_model(out_dir, ckpt_path)
     if model.config.vocab_size < EOT + 1:
         raise ExportError(f"vocab_size={model.config.vocab_size} cannot hold GPT-2's {EOT + 1} tokens")
     arch = pick_architecture(model.config, target)
+    for package in ("transformers", "safetensors", "tokenizers"):
+        need(package)
     if os.path.isdir(to) and overwrite:
         shutil.rmtree(to)
     os.makedirs(to, exist_ok=True)
