@@ -161,11 +161,19 @@ class PackedLoader:
     def share(self, s, shard):
         """This rank's documents of one shard, in visiting order (the only per-document array held in memory)."""
         if self.current_share[s] is None or self.current_share[s][0] != shard:
-            n = self.shards[s][shard].n_docs
-            order = np.arange(n) if self.split == "val" else \
-                np.random.default_rng([self.seed, self.epoch, s, shard]).permutation(n)
-            self.current_share[s] = (shard, order[self.rank::self.world_size])
+            self.current_share[s] = (shard, self.documents_of(s, shard))
         return self.current_share[s][1]
+
+    def documents_of(self, s, shard):
+        n = self.shards[s][shard].n_docs
+        order = np.arange(n) if self.split == "val" else \
+            np.random.default_rng([self.seed, self.epoch, s, shard]).permutation(n)
+        return order[self.rank::self.world_size]
+
+    def tokens_per_epoch(self):
+        """Tokens of this rank's documents in the current epoch, e.g. to read each val document at most once."""
+        return sum(int(np.diff(shard.offsets)[self.documents_of(s, i)].sum())
+                   for s, shards in enumerate(self.shards) for i, shard in enumerate(shards))
 
     def pick_subset(self):
         total = sum(self.left)

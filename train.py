@@ -59,7 +59,7 @@ save_strategy = "steps"  # periodic checkpoints: 'steps' (every save_interval) |
 save_interval = 1000  # steps between checkpoints; the end of the run, max_steps and SIGTERM always save
 keep_last = 3  # checkpoints kept in out_dir; older ones are deleted
 eval_interval = 1000  # steps between validation passes (0 = only at the end of the schedule)
-eval_iters = 20  # validation batches per rank and subset: the same fixed blocks every time
+eval_iters = 20  # validation batches per rank and subset (the same fixed blocks every time), at most one pass
 log_interval = 10  # steps between log lines and log.jsonl records
 step_cadence = 1.0  # multiplies log/eval/save intervals, e.g. 0.25 after making each step 4x larger
 sample_interval = 0  # steps between greedy and sampled continuations of fixed prompts, printed and logged (0 = off)
@@ -431,6 +431,21 @@ def save_checkpoint():
 # eval helper, LR schedule, logging helpers
 
 
+def count_val_batches():
+    """Validation batches per subset: eval_iters, or fewer where that would read more than the smallest rank's share
+    of the subset's val shard: with many ranks, each would re-read its documents for no new information."""
+    counts = {}
+    for subset in subsets:
+        share = min(PackedLoader(data_dir, "val", block_size, batch_size, rank=r, world_size=world_size, seed=seed,
+                                 subset=subset).tokens_per_epoch() for r in range(world_size))
+        counts[subset] = max(1, min(eval_iters, share // (batch_size * (block_size + 1))))  # a row: block_size + 1
+        if counts[subset] < eval_iters:
+            print0(f"warning: the {subset} val shard holds {share:,} tokens per rank of {world_size}: validation reads "
+                   f"{counts[subset]} batches of {batch_size} x {block_size}, not eval_iters={eval_iters}, so that no "
+                   f"rank reads a val document twice")
+    return counts
+
+
 @torch.no_grad()
 def evaluate():
     """Validation loss per subset on fixed val blocks (a fresh val loader each time), averaged over ranks."""
@@ -439,14 +454,14 @@ def evaluate():
     for subset in subsets:
         loaders = make_loaders("val", subset)
         total = torch.zeros((), device=device)
-        for _ in range(eval_iters):
+        for _ in range(val_batches[subset]):
             x, y, doc_ids, cu_seqlens = next_batch(loaders)
             with autocast:
                 _, loss = model(x, y, doc_ids, cu_seqlens)
             total += loss.float()
         if ddp:
             dist.all_reduce(total)
-        losses[f"val_loss/{subset}"] = total.item() / (eval_iters * world_size)
+        losses[f"val_loss/{subset}"] = total.item() / (val_batches[subset] * world_size)
     model.train()
     return losses
 
@@ -598,6 +613,10 @@ if master:
     if wandb_log:
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=cfg)
 flops_per_token = model.flops_per_token(block_size)
+val_batches = [count_val_batches() if master else None]
+if ddp:
+    dist.broadcast_object_list(val_batches, src=0)  # with dispatch_batches only rank 0 need read the data
+val_batches = val_batches[0]
 stop_step = min(planned_steps, max_steps) if max_steps else planned_steps
 run_start = time.time()
 steps_this_run, epoch_seen = 0, None

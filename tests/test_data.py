@@ -425,6 +425,24 @@ def test_val_split_is_fixed_per_subset(prepared_data):
         for sh in s["shards"])
 
 
+def test_tokens_per_epoch_is_each_ranks_share(prepared_data):
+    meta = json.loads((prepared_data / "meta.json").read_text())
+    for split in ("val", "train"):
+        for world in (1, 3):
+            loaders = [PackedLoader(prepared_data, split=split, block_size=64, batch_size=1, rank=r, world_size=world)
+                       for r in range(world)]
+            shares = [loader.tokens_per_epoch() for loader in loaders]
+            assert sum(shares) == count_tokens(prepared_data, split)  # the ranks' shares cover the split once
+            loader = loaders[-1]  # the tokens the last rank really reads in one epoch
+            read = 0
+            while loader.epoch == 0:
+                s, shard, doc = loader.draw_document()
+                read += len(loader.shards[s][shard].document(doc)) if loader.epoch == 0 else 0
+            assert read == shares[-1]
+    val = PackedLoader(prepared_data, split="val", subset="cosmopedia-v2", world_size=2, rank=1)
+    assert val.tokens_per_epoch() < meta["subsets"]["cosmopedia-v2"]["val"]["tokens"]
+
+
 def test_data_errors(tmp_path, prepared_data):
     with pytest.raises(DataError, match="run: python prepare.py"):
         PackedLoader(tmp_path / "missing")

@@ -22,7 +22,7 @@ import torch
 
 import checkpoint
 from conftest import ROOT, run_prepare, write_hub_layout
-from data import count_tokens
+from data import count_tokens, read_meta
 
 # --device=cpu (and so gloo under torchrun): these tests are about CPU behaviour and must pass unchanged on a GPU machine
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--d_model=32", "--block_size=64", "--compile=False", "--warmup_tokens=512",
@@ -141,8 +141,14 @@ def test_grad_accumulation_equals_the_larger_batch(base2, prepared_data, tmp_pat
 
 
 def test_exact_resume_with_one_rank(prepared_data, tmp_path):
-    args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--save_interval=100"]
-    train(tmp_path / "a", prepared_data, *args)
+    # (eval_iters=1000 asks for more val batches than the val shards hold: capped at one pass, with a warning)
+    args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--save_interval=100",
+                   "--eval_iters=1000"]
+    proc = train(tmp_path / "a", prepared_data, *args)
+    for subset in ("cosmopedia-v2", "fineweb-edu-dedup"):
+        share = read_meta(prepared_data)["subsets"][subset]["val"]["tokens"]
+        assert (f"warning: the {subset} val shard holds {share:,} tokens per rank of 1: validation reads "
+                f"{share // 130} batches of 2 x 64, not eval_iters=1000") in proc.stdout
     train(tmp_path / "b", prepared_data, *args, "--max_steps=2")
     assert sorted(records(tmp_path / "b")) == [1, 2]
     train(tmp_path / "b", prepared_data, *args)
