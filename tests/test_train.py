@@ -474,3 +474,50 @@ def test_nodes_that_do_not_share_out_dir_are_refused(base2, prepared_data, tmp_p
     assert "the ranks see different checkpoints" in "".join(texts) and "ckpt-00000004.pt" in "".join(texts)
     assert "one directory shared by all of them" in "".join(texts)
     assert not (tmp_path / "b" / "log.jsonl").exists() and not (tmp_path / "a" / "log.jsonl").exists()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# GPU runs: train.py with the CUDA defaults (device cuda, bfloat16 autocast, flex_attention, torch.compile, nccl).
+# GPU kernels are not bitwise deterministic, so a resume is compared to an uninterrupted run within rounding.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for 2 NCCL ranks")
+GPU_TINY = [a for a in TINY if not a.startswith(("--device=", "--dtype=", "--compile="))] + ["--block_size=128"]
+
+
+@needs_cuda
+def test_one_gpu_with_cuda_defaults_trains_and_resumes(prepared_data, tmp_path):
+    args = GPU_TINY + ["--batch_size=4", "--train_tokens=3072", "--warmup_tokens=512", "--eval_interval=3",
+                       "--save_interval=100"]  # 512 tokens a step: 6 steps
+    proc = train(tmp_path / "a", prepared_data, *args, timeout=600)
+    assert "world size 1 on cuda:0 (no DDP), bfloat16, compile=True" in proc.stdout
+    assert "attn_impl='flex_attention'" in proc.stdout
+    train(tmp_path / "b", prepared_data, *args, "--max_steps=3", timeout=600)
+    ckpt = checkpoint.load(checkpoint.latest(str(tmp_path / "b")))
+    assert isinstance(ckpt["rng_states"][0]["cuda"], torch.Tensor)  # the CUDA generator's state is saved too
+    proc = train(tmp_path / "b", prepared_data, *args, timeout=600)
+    assert "resuming from" in proc.stdout and "step 3" in proc.stdout
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert a[6]["loss"] < a[1]["loss"] - 0.5
+    for s in range(1, 7):  # the same batches and weights; only rounding differs (bf16, non-deterministic kernels)
+        assert a[s]["batch_checksum"] == b[s]["batch_checksum"]
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], abs=0.02), f"step {s}"
+    assert records(tmp_path / "b", "val_loss/cosmopedia-v2")[6]["val_loss/cosmopedia-v2"] == pytest.approx(
+        records(tmp_path / "a", "val_loss/cosmopedia-v2")[6]["val_loss/cosmopedia-v2"], abs=0.02)
+
+
+@needs_2_gpus
+def test_two_gpus_keep_identical_weights_stop_and_resume(prepared_data, tmp_path):
+    args = GPU_TINY + ["--batch_size=2", "--grad_accum=2", "--train_tokens=8192", "--warmup_tokens=1024",
+                       "--eval_interval=4", "--save_interval=4"]  # 2 ranks x 2 x 2 x 128 = 1024 tokens a step: 8 steps
+    proc = train(tmp_path, prepared_data, *args, "--max_steps=4", ranks=2, timeout=600)
+    assert "world size 2 on cuda:0 (nccl)" in proc.stdout
+    proc = train(tmp_path, prepared_data, *args, "--dispatch_batches=True", ranks=2, timeout=600)
+    assert "resuming from" in proc.stdout and "step 4" in proc.stdout
+    steps = records(tmp_path)
+    assert sorted(steps) == list(range(1, 9)) and steps[8]["loss"] < steps[1]["loss"] - 0.5
+    for s, r in steps.items():
+        assert r["param_checksum"][0] == r["param_checksum"][1], f"the ranks' weights differ after step {s}"
+        assert r["batch_checksum"][0] != r["batch_checksum"][1]
+    assert checkpoint.latest(str(tmp_path)).endswith("ckpt-00000008.pt")
+    assert sorted(records(tmp_path, "val_loss/cosmopedia-v2")) == [4, 8]
