@@ -259,6 +259,41 @@ def test_lean_loss_matches_plain_cross_entropy(chunk_size):
         torch.testing.assert_close(LinearCrossEntropy(chunk_size)(h, w, targets), want)
 
 
+def test_lean_loss_under_autocast_casts_the_head_weight_once():
+    """bf16 autocast (CPU emulates it): the loss and gradients match plain cross-entropy under the same autocast
+    to bf16 rounding, and the head weight is cast to bf16 once per forward, not once per chunk. The autocast cast
+    cache is off, as it is in compiled code, where per-chunk casts were a whole-matrix kernel each."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountWeightCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == (V, 32):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    h = torch.randn(50, 32, requires_grad=True)
+    w = torch.randn(V, 32, requires_grad=True)
+    targets = torch.randint(0, V, (50,))
+    targets[::4] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        want = F.cross_entropy(F.linear(h, w).float(), targets, ignore_index=-100)
+        want_gh, want_gw = torch.autograd.grad(want, (h, w))
+        with CountWeightCasts() as casts:
+            got = LinearCrossEntropy(7)(h, w, targets)  # 8 chunks
+        got_gh, got_gw = torch.autograd.grad(got, (h, w))
+    assert casts.n == 1
+    assert got.dtype == torch.float32 and got_gh.dtype == got_gw.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got_gh, want_gh, atol=1e-6, rtol=0)  # the same bf16 matmuls
+    # the plain loss sums all 50 rows in one bf16 matmul; the lean one per chunk, in fp32: within bf16 rounding
+    torch.testing.assert_close(got_gw, want_gw, atol=2e-3, rtol=1e-2)
+
+
 @pytest.mark.parametrize("family, tied", [("llama", True), ("deepone", False)])
 def test_model_loss_matches_logits_path(family, tied):
     """The chunked loss of forward(idx, targets) equals cross-entropy on forward(idx)'s logits, in value and in
