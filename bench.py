@@ -4,6 +4,8 @@
     python bench.py config/smoke.py --attn_impl=all            # every attention backend available here
     python bench.py config/deepone.py --lean_loss=all          # chunked head+loss vs plain full-logits loss
     python bench.py config/deepone.py --what=loader            # PackedLoader tokens/s and its share of a step
+    python bench.py config/deepone.py --what=profile           # where a step's time goes: top kernels, shares
+    python bench.py config/smoke.py --batch=data               # train.py's first real batch, not a synthetic one
     python bench.py --what=prepare --source=DIR                # prepare.py tokens/s vs the tokenizer's own rate
     python bench.py config/smoke.py --json=True                # one JSON object per measurement, for machines
 
@@ -14,6 +16,7 @@ fresh process, so its peak memory is its own. Every table says what produced it:
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,14 +32,25 @@ from model import (ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, default
 
 HERE = Path(__file__).resolve().parent
 BENCH_DEFAULTS = {
-    "what": "train",     # 'train' | 'loader' | 'prepare'
+    "what": "train",     # 'train' | 'loader' | 'prepare' | 'profile'
     "steps": 5,          # timed steps (after warmup)
     "warmup": 2,         # untimed steps first: compilation, allocator warm-up
     "lean_loss": "on",   # 'on' (chunked head+loss, as train.py) | 'off' (full fp32 logits + F.cross_entropy) | 'all'
     "doc_len": 800,      # mean document length of the synthetic packed batch (smollm documents: ~700-1000 tokens)
+    "batch": "synthetic",  # 'synthetic' (random tokens, documents of mean doc_len) | 'data' (train.py's first batch)
     "source": "",        # --what=prepare: a local dir laid out like the hub repo
     "json": False,       # print JSON lines instead of a table
 }
+BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile"), "lean_loss": ("on", "off", "all"),
+                 "batch": ("synthetic", "data")}
+
+
+def train_choices():
+    """train.py's CHOICES dict (the allowed values of its string keys), read from its source like the defaults."""
+    tree = ast.parse((HERE / "train.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "CHOICES" for t in n.targets))
+    return ast.literal_eval(node.value)
 
 
 def train_defaults():
@@ -83,21 +97,30 @@ def synthetic_batch(cfg, device):
     return x.to(device), y.to(device), doc_ids.to(device), cu_seqlens.to(device)
 
 
+def data_batch(cfg, device):
+    """The first batch train.py reads from data_dir on rank 0 of one (same loader, same seed): real documents."""
+    from data import PackedLoader
+    loader = PackedLoader(cfg["data_dir"], "train", cfg["block_size"], cfg["batch_size"], seed=cfg["seed"])
+    return tuple(t.to(device) for t in loader.next_batch())
+
+
 def attended_fraction(cu_seqlens, B, T):
     """Unmasked share of the B x T x T scores of document-causal attention (model.attended_pairs / B T^2):
     the same count train.py logs MFU with."""
     return attended_pairs(cu_seqlens).item() / (B * T * T)
 
 
-def bench_train(cfg):
+def make_step(cfg):
+    """The model, optimizer and batch of one train step as train.py builds them; returns (model, step, sync, batch)."""
     device, dtype = resolve_device_dtype(cfg)
     fields = {f: cfg[f] for f in ModelConfig.__dataclass_fields__ if f in cfg}
     fields["attn_impl"] = cfg["attn_impl"] if cfg["attn_impl"] != "auto" else default_attn_impl(device)
     model = Transformer(ModelConfig(**fields)).to(device)
     if cfg["compile"]:
-        model.compile_layers()
+        model.compile_layers(mode=cfg["compile_mode"])
     optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device)
-    x, y, doc_ids, cu_seqlens = synthetic_batch(cfg, device)
+    batch = synthetic_batch(cfg, device) if cfg["batch"] == "synthetic" else data_batch(cfg, device)
+    x, y, doc_ids, cu_seqlens = batch
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -107,14 +130,22 @@ def bench_train(cfg):
                 _, loss = model(x, y, doc_ids, cu_seqlens)
             else:
                 logits, _ = model(x, doc_ids=doc_ids, cu_seqlens=cu_seqlens)
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+                with torch.profiler.record_function("head+loss"):
+                    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(cfg["warmup"]):
         step()
     sync()
+    return model, step, sync, batch
+
+
+def bench_train(cfg):
+    device, _ = resolve_device_dtype(cfg)
+    model, step, sync, (_, _, _, cu_seqlens) = make_step(cfg)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -125,13 +156,82 @@ def bench_train(cfg):
     tokens = cfg["batch_size"] * cfg["block_size"]
     # MFU counts only the attended part of the scores: sparse kernels (flex, flash) skip the rest
     frac = attended_fraction(cu_seqlens, cfg["batch_size"], cfg["block_size"])
-    flops = model.flops_per_token(cfg["block_size"], attn_fraction=frac) * tokens
+    flops_per_token = model.flops_per_token(cfg["block_size"], attn_fraction=frac)
+    flops = flops_per_token * tokens
     peak = peak_tflops(cfg, device)
-    return {"what": "train", "attn_impl": fields["attn_impl"], "lean_loss": cfg["lean_loss"],
+    return {"what": "train", "attn_impl": model.config.attn_impl, "lean_loss": cfg["lean_loss"],
             "params_M": round(model.num_params() / 1e6, 2), "batch": f"{cfg['batch_size']}x{cfg['block_size']}",
             "step_ms": round(seconds * 1e3, 1), "tokens_per_s": round(tokens / seconds),
             "tflops": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
-            "peak_mem_GB": round(peak_memory_bytes(device) / 2**30, 2), "attn_fraction": round(frac, 4)}
+            "peak_mem_GB": round(peak_memory_bytes(device) / 2**30, 2), "attn_fraction": round(frac, 4),
+            "flops_per_token": round(flops_per_token)}
+
+
+# --what=profile: where a step's time goes. Ranges named in the code (model.py's forward and make_step above) take
+# precedence; everything else is sorted by kernel or op name.
+PROFILE_RANGES = ("head+loss", "optimizer")
+PROFILE_PATTERNS = [  # (category, regex on the lower-cased kernel or op name), first match wins
+    ("attention", r"flash|flex|attention|fmha|sdpa|varlen"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|\bmm\b|addmm|bmm|matmul|linear|triton_tem_fused_mm|_mm_"),
+    ("optimizer", r"adam|optimizer|foreach"),
+    ("norms+elementwise", r"."),
+]
+
+
+def profile_category(name, ranges):
+    if ranges:
+        return ranges[0]
+    lowered = name.lower()
+    return next(cat for cat, pattern in PROFILE_PATTERNS if re.search(pattern, lowered))
+
+
+def bench_profile(cfg):
+    """torch.profiler over `steps` steps after warm-up: device time of every CUDA kernel (CPU time of every op
+    on a CPU), each put in one category by the named range it ran under or by its name."""
+    from torch.profiler import ProfilerActivity, profile
+    device, _ = resolve_device_dtype(cfg)
+    _, step, sync, _ = make_step(cfg)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(cfg["steps"]):
+            step()
+        sync()
+    times, by_name = {}, {}
+    events = prof.events()
+    # On CUDA the timed items are the kernels (and copies); each is linked to the CPU op that launched it
+    ops = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    timed = torch.autograd.DeviceType.CUDA if device == "cuda" else torch.autograd.DeviceType.CPU
+    for event in events:
+        if event.device_type != timed:
+            continue
+        if device == "cuda":
+            op, us = ops.get(event.linked_correlation_id), event.time_range.end - event.time_range.start
+        else:
+            op, us = event, event.self_cpu_time_total
+        ranges = []
+        while op is not None:  # the named ranges this ran under, innermost first
+            if op.name in PROFILE_RANGES:
+                ranges.append(op.name)
+            op = op.cpu_parent
+        category = profile_category(event.name, ranges)
+        times[category] = times.get(category, 0.0) + us
+        by_name[(event.name, category)] = by_name.get((event.name, category), 0.0) + us
+    total = sum(times.values()) or 1.0
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    return {"what": "profile", "time": "device (CUDA kernels)" if device == "cuda" else "CPU (self time of ops)",
+            "steps": cfg["steps"], "step_ms": round(total / 1e3 / cfg["steps"], 2),
+            "share_pct": {c: round(100 * times.get(c, 0.0) / total, 1)
+                          for c in ("matmul", "attention", "head+loss", "norms+elementwise", "optimizer")},
+            "top": [{"name": name[:90], "category": cat, "ms_per_step": round(us / 1e3 / cfg["steps"], 3),
+                     "pct": round(100 * us / total, 1)} for (name, cat), us in top]}
+
+
+def print_profile(record):
+    print(f"{record['time']} per step: {record['step_ms']} ms, over {record['steps']} profiled steps")
+    print("share: " + " | ".join(f"{c} {p}%" for c, p in record["share_pct"].items()))
+    print(f"top kernels/ops:\n{'ms/step':>9} {'%':>5}  {'category':<17} name")
+    for row in record["top"]:
+        print(f"{row['ms_per_step']:>9} {row['pct']:>5}  {row['category']:<17} {row['name']}")
 
 
 def peak_memory_bytes(device):
@@ -205,7 +305,9 @@ def header(cfg):
 
 
 def main():
-    cfg = configure({**train_defaults(), **BENCH_DEFAULTS}, sys.argv[1:])
+    choices = {**train_choices(), **BENCH_CHOICES}
+    choices["attn_impl"] += ("all",)
+    cfg = configure({**train_defaults(), **BENCH_DEFAULTS}, sys.argv[1:], choices=choices)
     sweeps = {"attn_impl": [a for a in ATTN_IMPLS if available(a, cfg)] if cfg["attn_impl"] == "all" else None,
               "lean_loss": ["off", "on"] if cfg["lean_loss"] == "all" else None}
     if cfg["what"] == "train" and any(sweeps.values()):
@@ -215,12 +317,15 @@ def main():
                 combos = [{**c, key: v} for c in combos for v in values]
         records = [run_child(cfg, c) for c in combos]
     else:
-        records = [{"train": bench_train, "loader": bench_loader, "prepare": bench_prepare}[cfg["what"]](cfg)]
+        what = {"train": bench_train, "loader": bench_loader, "prepare": bench_prepare, "profile": bench_profile}
+        records = [what[cfg["what"]](cfg)]
     if cfg["json"]:
         for r in records:
             print(json.dumps(r))
         return
     print(header(cfg))
+    if cfg["what"] == "profile":
+        return print_profile(records[0])
     keys = list(dict.fromkeys(k for r in records for k in r))
     rows = [[str(r.get(k, "")) for k in keys] for r in records]
     widths = [max(len(k), *(len(row[i]) for row in rows)) for i, k in enumerate(keys)]

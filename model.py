@@ -183,12 +183,20 @@ def attended_pairs(cu_seqlens):
     return (lengths * (lengths + 1) // 2).sum()
 
 
+def _check_half(q):
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(f"attn_impl='flash_attention_2' runs in bf16/fp16 only and got {q.dtype}: train with "
+                           f"dtype='bfloat16' (autocast), or use attn_impl='flex_attention' or 'sdpa'")
+
+
 def _flash_attn_varlen_func(q, k, v, cu_seqlens, max_len):
+    _check_half(q)
     from flash_attn import flash_attn_varlen_func  # GQA: flash-attn takes fewer k/v heads as they are
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
 
 
 def _torch_varlen_attn(q, k, v, cu_seqlens, max_len):
+    _check_half(q)
     from torch.nn.attention.varlen import varlen_attn  # torch's Flash Attention 2 kernels; window (-1, 0) = causal
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(-1, 0),
                        enable_gqa=q.size(1) != k.size(1))
@@ -271,9 +279,6 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if self.attn_impl == "flash_attention_2" and kv_cache is None:
             cu_seqlens, max_len = mask  # varlen wants [B*T, heads, hd]: the projections' own layout, no transpose
-            if q.dtype == torch.float32:
-                raise RuntimeError("attn_impl='flash_attention_2' runs in bf16/fp16 only: train with "
-                                   "dtype='bfloat16' (autocast), or use attn_impl='flex_attention' or 'sdpa'")
             y = self.varlen_fn(q.reshape(B * T, self.n_head, self.head_dim),
                                k.reshape(B * T, self.n_kv_head, self.head_dim),
                                v.reshape(B * T, self.n_kv_head, self.head_dim), cu_seqlens, max_len)
@@ -480,9 +485,10 @@ class Transformer(nn.Module):
             raise RuntimeError("attn_impl='flex_attention' cannot train on CPU: torch's flex_attention has no CPU "
                                "backward. Use attn_impl='sdpa' on CPU (flex runs on CPU under torch.no_grad()).")
         h = self.hidden(idx, self.build_mask(doc_ids, B, T, idx.device, cu_seqlens))
-        if targets is None:
-            return self.lm_head(h).float(), None
-        return None, self.loss_fn(h.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+        with torch.profiler.record_function("head+loss"):  # a named range for bench.py --what=profile
+            if targets is None:
+                return self.lm_head(h).float(), None
+            return None, self.loss_fn(h.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
 
     def compile_layers(self, **compile_kwargs):
         """Compile each Block and the head+loss in place (nn.Module.compile), so state_dict keys keep no

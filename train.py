@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from configurator import configure
 from data import TOKENIZER, PackedLoader, count_tokens, read_meta
-from model import ModelConfig, Transformer, default_attn_impl, default_dtype, gpu_peak_tflops
+from model import ModelConfig, Transformer, attended_pairs, default_attn_impl, default_dtype, gpu_peak_tflops
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -109,6 +109,8 @@ save_timeout_s = 3600  # seconds the other ranks wait for rank 0 to write a chec
 device = "auto"  # 'auto' (cuda if available) | 'cuda' | 'cpu' (cpu = no accelerator)
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA and on CPUs with native bf16, else float32) | 'bfloat16' | 'float32'
 compile = True  # torch.compile the model's layers (model.compile_layers), before the DDP wrap
+compile_mode = "default"  # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
+#                           | 'max-autotune-no-cudagraphs'; 'default' until another one is measured faster (issue 8)
 peak_tflops = 0.0  # one device's dense bf16 peak for MFU; 0 = look up the GPU's name
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -117,6 +119,7 @@ CHOICES = {
     "device": ("auto", "cuda", "cpu"), "backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "bfloat16", "float32"),
     "optimizer": ("adamw", "adafactor"),
     "attn_impl": ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))]
 cfg = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], choices=CHOICES)
@@ -155,6 +158,9 @@ if dtype == "auto":
     dtype = default_dtype(device)
 if attn_impl == "auto":
     attn_impl = default_attn_impl(device)
+if attn_impl == "flash_attention_2" and (device == "cpu" or dtype != "bfloat16"):
+    die(f"attn_impl='flash_attention_2' runs on CUDA in bf16 only (here device={device!r}, dtype={dtype!r}); "
+        f"use --dtype=bfloat16 on a GPU, or --attn_impl=flex_attention (GPU) or sdpa")
 if min(batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval, save_interval) < 1:
     die("batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval and save_interval must be >= 1")
 if min(max_steps, train_tokens, warmup_tokens, eval_interval, sample_interval, grad_clip, step_cadence) < 0 or step_cadence == 0:
@@ -191,7 +197,8 @@ def describe_plan(n_params):
     stop = f", stopping early after step {max_steps}" if max_steps else ""
     return "\n".join([
         f"model: {n_params / 1e6:.2f}M parameters, {model_config}",
-        f"world size {world_size} on {device} ({backend if ddp else 'no DDP'}), {dtype}, compile={compile}",
+        f"world size {world_size} on {device} ({backend if ddp else 'no DDP'}), {dtype}, compile={compile}"
+        + (f" (mode {compile_mode})" if compile else ""),
         f"tokens per step: {batch_size} seqs x {block_size} tokens{accum} x {world_size} ranks = {tokens_per_step:,}",
         f"lr: {lr:g} x sqrt({batch_size * grad_accum * world_size}) = {peak_lr:.3e} peak, min_lr -> {final_lr:.3e}",
         f"schedule: warmup {warmup_tokens:,} tokens ({math.ceil(warmup_tokens / tokens_per_step)} steps), cosine to "
@@ -335,7 +342,10 @@ if dispatch_batches and ddp:
 
 # -----------------------------------------------------------------------------
 # model, optimizer, compile, DDP wrap
-model = Transformer(model_config)
+try:
+    model = Transformer(model_config)
+except (ImportError, RuntimeError) as e:  # an attention backend this machine cannot run; the message says why
+    die(str(e))
 if ckpt:
     try:
         model.load_state_dict(ckpt["model"])
@@ -357,7 +367,7 @@ opt = make_optimizer(model)
 if ckpt:
     opt.load_state_dict(ckpt["optimizer"])
 if compile:
-    model.compile_layers()  # in place, so state_dict keys keep their names
+    model.compile_layers(mode=compile_mode)  # in place, so state_dict keys keep their names
 # Gradients live in DDP's all-reduce buckets (no copy). static_graph lets DDP skip its per-step graph bookkeeping,
 # but only without no_sync: with gradient accumulation it stops all-reducing (pytorch/pytorch#187732).
 ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True,
@@ -574,6 +584,7 @@ def forward_backward():
                 _, loss = ddp_model(x, y, doc_ids, cu_seqlens)
             (loss / grad_accum).backward()
         loss_sum += loss.detach().float() / grad_accum
+        attended_sum.add_(attended_pairs(cu_seqlens))  # for MFU: the real documents' attention, on the device
     return loss_sum, batches
 
 
@@ -590,13 +601,14 @@ def agree_to_stop():
 
 def check_health(loss, first_bad_step):
     """At log, eval and save points only (the one device sync of those steps): the step's loss averaged over ranks,
-    and the first step since the start whose loss or gradient norm was not finite on any rank (0 if none)."""
-    stats = torch.stack([loss.double(), first_bad_step.double()])
+    the attended (query, key) pairs of all ranks' batches since the last such point, and the first step since the
+    start whose loss or gradient norm was not finite on any rank (0 if none)."""
+    stats = torch.stack([loss.double(), attended_sum.double(), first_bad_step.double()])
     if ddp:
-        dist.all_reduce(stats[:1])
-        dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)  # ranks agree: the gradient norm is the same everywhere
-    loss_sum, bad_step = stats.tolist()
-    return loss_sum / world_size, int(bad_step)
+        dist.all_reduce(stats[:2])
+        dist.all_reduce(stats[2:], op=dist.ReduceOp.MAX)  # ranks agree: the gradient norm is the same everywhere
+    loss_sum, attended, bad_step = stats.tolist()
+    return loss_sum / world_size, int(attended), int(bad_step)
 
 
 # -----------------------------------------------------------------------------
@@ -612,7 +624,6 @@ if master:
     start_log(step)
     if wandb_log:
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=cfg)
-flops_per_token = model.flops_per_token(block_size)
 val_batches = [count_val_batches() if master else None]
 if ddp:
     dist.broadcast_object_list(val_batches, src=0)  # with dispatch_batches only rank 0 need read the data
@@ -622,6 +633,7 @@ run_start = time.time()
 steps_this_run, epoch_seen = 0, None
 interval_steps, interval_start = 0, time.time()  # for tokens/s and MFU: training time only, not eval or checkpoints
 first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # on the device: tracked without a sync
+attended_sum = torch.zeros((), dtype=torch.long, device=device)  # attended pairs of this interval's batches, likewise
 # No host-device sync between log points: the CPU runs ahead of the GPU, so the next batch is read, pinned and
 # copied (non_blocking) while the current step's kernels run. Loss, health and grad norm are read only at log,
 # eval and save points.
@@ -647,7 +659,7 @@ while step < stop_step and tokens_seen < train_tokens:
     sample_now = sample_interval and (step % sample_every == 0 or done)
     if not (log_now or eval_now or save_now or sample_now):
         continue
-    loss, bad_step = check_health(loss, first_bad_step)
+    loss, attended, bad_step = check_health(loss, first_bad_step)
     if bad_step:
         last = checkpoint.latest(out_dir)
         die(f"non-finite loss or gradient norm at step {bad_step} (loss now {loss}); stopped without saving. The last "
@@ -659,10 +671,14 @@ while step < stop_step and tokens_seen < train_tokens:
         if master:
             elapsed = time.time() - run_start
             tokens_per_sec = tokens_per_step * interval_steps / (time.time() - interval_start)
+            # MFU counts the attended part of the scores only, from the batches' real documents (as bench.py does)
+            attn_fraction = attended / (interval_steps * grad_accum * batch_size * world_size * block_size ** 2)
+            flops_per_token = model.flops_per_token(block_size, attn_fraction)
             mfu = tokens_per_sec * flops_per_token / (world_size * peak_flops) if peak_flops else None
             eta = elapsed / steps_this_run * (stop_step - step)
             record = {"step": step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
-                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gb": peak_memory_gb(),
+                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "attn_fraction": attn_fraction,
+                      "flops_per_token": flops_per_token, "peak_mem_gb": peak_memory_gb(),
                       "elapsed_s": elapsed, "eta_s": eta}
             if sums:
                 record["param_checksum"], record["batch_checksum"] = sums
@@ -685,6 +701,7 @@ while step < stop_step and tokens_seen < train_tokens:
     if save_now:
         save_checkpoint()
     interval_steps, interval_start = 0, time.time()
+    attended_sum.zero_()
     if stop:
         print0(f"stopping on {signal.Signals(stop_signal).name if stop_signal else 'a signal on another rank'} "
                f"after step {step}; rerun the same command to continue")
