@@ -10,7 +10,8 @@ Writes, under --out (default data/smollm):
 
     meta.json                          tokenizer, vocab, dtype, and per shard: source file, documents, tokens
     <subset>/train-NNNNN.bin / .idx    one pair per source file: uint16 tokens, int64 document offsets (n_docs + 1)
-    <subset>/val.bin / .idx            the first --val-docs documents of the subset's first file (not in train)
+    <subset>/val.bin / .idx            the first --val-docs documents of the subset's first file (not in train), at
+                                       most 10% of that file (VAL_MAX_SHARE), so a small corpus keeps its train data
 
 Each document is stored as [<|endoftext|>] + encode_ordinary(text) with GPT-2's BPE (tiktoken r50k_base), so
 every document opens with the end-of-text token. Null and empty texts are skipped and counted.
@@ -41,6 +42,7 @@ SUBSETS = ("cosmopedia-v2", "fineweb-edu-dedup")
 TOKENIZER = "r50k_base"  # GPT-2 BPE: 50257 tokens, <|endoftext|> = 50256
 READ_BATCH_ROWS = 1024   # rows per parquet record batch: bounds memory whatever the file size
 TOKENIZE_CHUNK_ROWS = 256  # rows per task sent to a worker process
+VAL_MAX_SHARE = 0.1  # val takes at most this share of a subset's first file, so a small corpus keeps its train data
 
 
 class PrepareError(Exception):
@@ -89,6 +91,7 @@ def list_source_files(source, subsets, revision, required=True):
     if source == "hf":
         from huggingface_hub import HfApi
         api = HfApi()
+        check_hub_reachable(api.endpoint)
         for subset in subsets:
             try:
                 entries = api.list_repo_tree(REPO_ID, path_in_repo=subset, repo_type="dataset", revision=revision)
@@ -118,6 +121,19 @@ def list_source_files(source, subsets, revision, required=True):
             raise PrepareError(f"subset {subset}: no train-*.parquet files found in {where} "
                                f"(missing or empty folder; expected {subset}/train-NNNNN-of-MMMMM.parquet)")
     return files
+
+
+def check_hub_reachable(endpoint):
+    """One request, no retries, through huggingface_hub's own HTTP session (so proxies count): a hub that cannot be
+    reached at all (offline, firewalled, DNS) fails at once with the --source hint, instead of after the ~24 s of
+    retries that huggingface_hub spends on every listing call for transient errors."""
+    from huggingface_hub.utils import get_session
+    try:
+        get_session().head(endpoint, timeout=10)
+    except Exception as e:  # any HTTP answer, even an error status, means the hub is there; only no answer lands here
+        raise PrepareError(f"cannot reach the Hugging Face Hub at {endpoint}: {type(e).__name__}: {e}\n"
+                           f"Without hub access, copy the parquet files from elsewhere and run: python prepare.py "
+                           f"--source DIR (DIR laid out as <subset>/train-NNNNN-of-MMMMM.parquet)") from None
 
 
 def fetch(source, rel_path, download_dir, revision):
@@ -252,6 +268,7 @@ class Progress:
         self.docs = self.tokens = 0
         self.file_rows = self.file_rows_done = 0
         self.start = self.last = time.time()
+        self.line_open = False  # a progress line without its newline is on the terminal
 
     def start_file(self, rows):
         self.file_rows, self.file_rows_done = max(rows, 1), 0
@@ -270,6 +287,12 @@ class Progress:
         print(f"\r[prepare] files {self.files_done}/{self.files_total} | docs {self.docs:,} | tokens {self.tokens:,} "
               f"| {self.tokens / max(elapsed, 1e-9) / 1e6:.2f}M tok/s | ETA {format_seconds(eta)}   ",
               end="", file=sys.stderr, flush=True)
+        self.line_open = True
+
+    def warn(self, message):
+        """A warning on a line of its own: the progress line (rewritten in place with \r) is ended first."""
+        print(("\n" if self.line_open else "") + f"[prepare] warning: {message}", file=sys.stderr, flush=True)
+        self.line_open = False
 
     def file_finished(self):
         self.files_done, self.file_rows_done = self.files_done + 1, 0
@@ -302,18 +325,23 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
             local = fetch(source, rel, out / "download", revision)
             pf = open_parquet(local)
             progress.start_file(pf.metadata.num_rows)
-            result = tokenize_file(pf, out / subset, f"train-{i:05d}", val_docs if i == 0 else 0,
-                                   pool, workers, progress)
+            wanted_val = 0
+            if i == 0 and val_docs:  # deterministic (from the file's row count), so a rerun makes the same split
+                wanted_val = min(val_docs, max(1, int(VAL_MAX_SHARE * pf.metadata.num_rows)))
+                if wanted_val < val_docs:
+                    progress.warn(f"{rel} has {pf.metadata.num_rows} rows: val takes {wanted_val} documents (at most "
+                                  f"{VAL_MAX_SHARE:.0%} of a subset's first file), not --val-docs {val_docs}")
+            result = tokenize_file(pf, out / subset, f"train-{i:05d}", wanted_val, pool, workers, progress)
             shards = meta["subsets"][subset]["shards"]
             shards.append({"name": f"train-{i:05d}", "source": rel, **result["train"],
                            "skipped_docs": result["skipped_docs"]})
             shards.sort(key=lambda sh: sh["name"])
             if "val" in result:
                 meta["subsets"][subset]["val"] = result["val"]
-                if result["val"]["docs"] < val_docs or result["train"]["docs"] == 0:
-                    print(f"\n[prepare] warning: {rel} has {result['val']['docs'] + result['train']['docs']} "
-                          f"documents: {result['val']['docs']} went to val and {result['train']['docs']} to train "
-                          f"(--val-docs {val_docs})", file=sys.stderr)
+                if result["val"]["docs"] < wanted_val or result["train"]["docs"] == 0:
+                    progress.warn(f"{rel} has {result['val']['docs'] + result['train']['docs']} documents: "
+                                  f"{result['val']['docs']} went to val and {result['train']['docs']} to train "
+                                  f"(--val-docs {val_docs})")
             write_json_atomic(out / "meta.json", meta)
             if source == "hf" and not keep_parquet:
                 local.unlink()  # disk holds tokens, not both
@@ -340,7 +368,8 @@ def main(argv=None):
     p.add_argument("--subsets", default=None,
                    help=f"comma-separated subsets (default: {','.join(SUBSETS)}; a local --source may lack one)")
     p.add_argument("--fraction", type=float, default=1.0, help="take the first ceil(F x files) files of each subset")
-    p.add_argument("--val-docs", type=int, default=1000, help="documents of each subset's first file kept for val")
+    p.add_argument("--val-docs", type=int, default=1000,
+                   help=f"documents of each subset's first file kept for val (at most {VAL_MAX_SHARE:.0%} of that file)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
     p.add_argument("--keep-parquet", action="store_true", help="keep downloaded parquet files after tokenizing")
     p.add_argument("--revision", default=REVISION, help="hub revision (commit) to download")

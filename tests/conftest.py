@@ -91,5 +91,5 @@ def prepared_data(tmp_path_factory):
     """A prepared data dir (both subsets, a few hundred short documents) shared by the whole session."""
     base = tmp_path_factory.mktemp("prepared")
     write_hub_layout(base / "hub", {"cosmopedia-v2": [120, 100], "fineweb-edu-dedup": [110]}, seed=1)
-    run_prepare("--source", base / "hub", "--out", base / "data", "--val-docs", 20, "--workers", 1)
+    run_prepare("--source", base / "hub", "--out", base / "data", "--val-docs", 10, "--workers", 1)
     return base / "data"

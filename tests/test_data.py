@@ -43,7 +43,14 @@ def test_prepare_roundtrip_meta_and_skipped_texts(tmp_path):
     with_gaps = texts["fineweb-edu-dedup/train-00000-of-00001.parquet"][:]
     with_gaps[3], with_gaps[17], with_gaps[30] = None, "", None
     write_subset_file(tmp_path / "hub/fineweb-edu-dedup/train-00000-of-00001.parquet", "fineweb-edu-dedup", with_gaps)
-    run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "out", "--val-docs", 5, "--workers", 2)
+    # the default --val-docs 1000 would take the whole of these small files: val takes 10% of a first file instead
+    proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "out", "--workers", 2)
+    warnings = [line for line in proc.stderr.split("\n") if "warning" in line]
+    assert warnings == [  # each on a line of its own, not inside the progress line
+        "[prepare] warning: cosmopedia-v2/train-00000-of-00002.parquet has 30 rows: val takes 3 documents (at most 10% "
+        "of a subset's first file), not --val-docs 1000",
+        "[prepare] warning: fineweb-edu-dedup/train-00000-of-00001.parquet has 40 rows: val takes 4 documents (at "
+        "most 10% of a subset's first file), not --val-docs 1000"], proc.stderr
 
     out = tmp_path / "out"
     meta = json.loads((out / "meta.json").read_text())
@@ -56,13 +63,13 @@ def test_prepare_roundtrip_meta_and_skipped_texts(tmp_path):
                                                       for d in decode_shard(out / subset, f"train-{i:05d}")]
         assert stored == originals  # decode(shard document i) == original text i, val first, in file order
         info = meta["subsets"][subset]
-        assert info["val"]["docs"] == 5 and info["files"] == files
+        assert info["val"]["docs"] == {"cosmopedia-v2": 3, "fineweb-edu-dedup": 4}[subset] and info["files"] == files
         assert [sh["source"] for sh in info["shards"]] == [f"{subset}/train-{i:05d}-of-{files:05d}.parquet"
                                                           for i in range(files)]
         for sh in info["shards"]:
             assert sh["tokens"] == (out / subset / f"{sh['name']}.bin").stat().st_size // 2
     assert meta["subsets"]["fineweb-edu-dedup"]["shards"][0]["skipped_docs"] == 3
-    assert meta["subsets"]["fineweb-edu-dedup"]["shards"][0]["docs"] == 40 - 3 - 5
+    assert meta["subsets"]["fineweb-edu-dedup"]["shards"][0]["docs"] == 40 - 3 - 4
 
 
 def test_fraction_takes_first_files_per_subset(tmp_path):
@@ -286,6 +293,8 @@ def test_unreachable_hub_says_how_to_use_source(tmp_path):
            "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
     proc = run_prepare("--out", tmp_path / "out", env=env, check=False, timeout=120)
     assert proc.returncode == 1 and "--source DIR" in proc.stderr and "Traceback" not in proc.stderr
+    # at once, without huggingface_hub's ~24 s of retries (which log "Retrying in Ns")
+    assert "cannot reach the Hugging Face Hub" in proc.stderr and "Retrying" not in proc.stderr, proc.stderr
 
 
 # ----------------------------------------------------------------------------- data.py
