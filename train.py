@@ -22,7 +22,8 @@ the same command again to continue (init_from='auto' resumes from the newest che
 a signal it gets to the workers and kills them 30 s later: give a large model more time with torchrun's
 --shutdown-timeout=300. SIGQUIT (Ctrl+backslash) stops at once, without a checkpoint. A non-finite loss or gradient
 norm stops the run at the next log, eval or save point with exit status 1, naming the step where it first
-appeared, before anything is saved: no checkpoint ever holds NaN weights.
+appeared, before anything is saved, and every save point first checks that the weights are finite: no checkpoint ever
+holds NaN weights.
 """
 
 import dataclasses
@@ -185,6 +186,10 @@ except (TypeError, ValueError) as e:
 tokens_per_step = batch_size * block_size * grad_accum * world_size
 lr_scale = math.sqrt(batch_size * grad_accum * world_size)  # lr is for a global batch of one sequence
 peak_lr, final_lr = lr * lr_scale, min_lr * lr_scale
+for key, value, scaled in (("lr", lr, peak_lr), ("min_lr", min_lr, final_lr)):
+    if not (math.isfinite(scaled) and scaled >= 0):  # an infinite LR turns every weight into inf or NaN at once
+        die(f"{key}={value:g} gives an LR of {value:g} x sqrt({batch_size * grad_accum * world_size}) = {scaled:g}; "
+            f"it must be a finite number >= 0 (lr is for a global batch of one sequence, e.g. --{key}=1e-4)")
 if train_tokens == 0 and not (dry_run and not os.path.exists(os.path.join(data_dir, "meta.json"))):
     train_tokens = count_tokens(data_dir, "train")  # one epoch; a dry run without data leaves it unknown
 planned_steps = math.ceil(train_tokens / tokens_per_step)
@@ -240,6 +245,8 @@ if device_type == "cuda":
     torch.backends.cudnn.allow_tf32 = True
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 torch.manual_seed(seed)  # one seed: every rank builds the same initial weights
+random.seed(seed)  # Python's and numpy's global RNGs too (their states are saved), so that two identical runs
+np.random.seed(seed % 2**32)  # store identical checkpoints
 
 # preemption: a signal only raises a flag; the ranks agree on stopping once per step (see the loop)
 stop_signal = 0
@@ -599,16 +606,25 @@ def agree_to_stop():
     return stop > 0, int(epochs) // world_size
 
 
-def check_health(loss, first_bad_step):
+def weights_finite():
+    """Whether every weight is finite, as a device tensor (no sync): one fused max|w| per parameter (NaN if the
+    parameter holds a NaN), then one isfinite over those. The loss and gradient norm are from before opt.step(), so
+    only this sees an update that overflowed the weights."""
+    return torch.stack(torch._foreach_norm(list(model.parameters()), float("inf"))).isfinite().all()
+
+
+def check_health(loss, first_bad_step, check_weights):
     """At log, eval and save points only (the one device sync of those steps): the step's loss averaged over ranks,
-    the attended (query, key) pairs of all ranks' batches since the last such point, and the first step since the
-    start whose loss or gradient norm was not finite on any rank (0 if none)."""
-    stats = torch.stack([loss.double(), attended_sum.double(), first_bad_step.double()])
+    the attended (query, key) pairs of all ranks' batches since the last such point, the first step since the start
+    whose loss or gradient norm was not finite on any rank (0 if none), and, when check_weights (save points),
+    whether the weights are finite on every rank."""
+    weights_bad = ~weights_finite() if check_weights else torch.zeros((), dtype=torch.bool, device=loss.device)
+    stats = torch.stack([loss.double(), attended_sum.double(), first_bad_step.double(), weights_bad.double()])
     if ddp:
         dist.all_reduce(stats[:2])
         dist.all_reduce(stats[2:], op=dist.ReduceOp.MAX)  # ranks agree: the gradient norm is the same everywhere
-    loss_sum, attended, bad_step = stats.tolist()
-    return loss_sum / world_size, int(attended), int(bad_step)
+    loss_sum, attended, bad_step, weights_bad = stats.tolist()
+    return loss_sum / world_size, int(attended), int(bad_step), weights_bad > 0
 
 
 # -----------------------------------------------------------------------------
@@ -659,11 +675,13 @@ while step < stop_step and tokens_seen < train_tokens:
     sample_now = sample_interval and (step % sample_every == 0 or done)
     if not (log_now or eval_now or save_now or sample_now):
         continue
-    loss, attended, bad_step = check_health(loss, first_bad_step)
-    if bad_step:
+    loss, attended, bad_step, weights_bad = check_health(loss, first_bad_step, check_weights=save_now)
+    if bad_step or weights_bad:
         last = checkpoint.latest(out_dir)
-        die(f"non-finite loss or gradient norm at step {bad_step} (loss now {loss}); stopped without saving. The last "
-            f"good checkpoint is {last or '(none)'}; resume from it with a lower --lr or --grad_clip.")
+        what = (f"non-finite loss or gradient norm at step {bad_step} (loss now {loss})" if bad_step else
+                f"non-finite weights after step {step} (the update at lr {lr_now:.3e} overflowed them)")
+        die(f"{what}; stopped without saving. The last good checkpoint is {last or '(none)'}; resume from it with a "
+            f"lower --lr or --grad_clip.")
 
     if log_now:
         params = checksum(model.parameters()) if log_checksums else None

@@ -278,6 +278,34 @@ def test_non_finite_loss_stops_without_saving(prepared_data, tmp_path):
     assert [Path(p).name for p in checkpoint.all_checkpoints(str(tmp_path))] == ["ckpt-00000001.pt"]
 
 
+def test_overflowed_weights_are_never_saved_and_infinite_lr_is_refused(prepared_data, tmp_path):
+    # Step 1's loss and gradients are finite; its update multiplies the weights by 1 - lr x weight_decay = -1.4e39,
+    # which overflows fp32: the save after it must be refused (it used to save inf/NaN weights and exit 0).
+    args = TINY + ["--batch_size=2", "--train_tokens=4096", "--eval_interval=0", "--save_interval=1",
+                   "--warmup_tokens=0", "--min_lr=0", "--log_checksums=False"]
+    proc = train(tmp_path / "a", prepared_data, *args, "--lr=1e37", "--weight_decay=100", "--max_steps=1",
+                 ok=False)
+    assert_one_clear_error(proc, "non-finite weights after step 1", "stopped without saving",
+                           "last good checkpoint is (none)", "lower --lr")
+    assert checkpoint.all_checkpoints(str(tmp_path / "a")) == []
+    # an LR that is infinite once scaled by sqrt(global batch) is refused before anything starts
+    proc = train(tmp_path / "b", prepared_data, *args, "--lr=1e308", "--batch_size=8", "--max_steps=1", ok=False)
+    assert_one_clear_error(proc, "lr=1e+308 gives an LR of 1e+308 x sqrt(8) = inf", "must be a finite number")
+    proc = run(["--device=cpu", "--n_layer=0", "--dry_run=True"])
+    assert_one_clear_error(proc, "bad model config: n_layer=0: model sizes must be >= 1")
+
+
+def test_two_identical_runs_store_identical_checkpoints(prepared_data, tmp_path):
+    """Every RNG a checkpoint stores (torch, Python, numpy) is seeded from `seed`: same command, same bytes."""
+    args = TINY + ["--batch_size=2", "--train_tokens=256", "--eval_interval=0", "--log_checksums=False"]
+    train(tmp_path / "run", prepared_data, *args)
+    (tmp_path / "run").rename(tmp_path / "first")  # the same out_dir for both: the config inside names it
+    train(tmp_path / "run", prepared_data, *args)
+    first, second = (sorted(Path(d).glob("ckpt-*.pt")) for d in (tmp_path / "first", tmp_path / "run"))
+    assert [p.name for p in first] == [p.name for p in second] == ["ckpt-00000002.pt"]
+    assert first[0].read_bytes() == second[0].read_bytes()
+
+
 def test_adafactor_and_bf16_autocast_on_cpu(prepared_data, tmp_path):
     args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--optimizer=adafactor",
                    "--dtype=bfloat16", "--lr=0.1", "--min_lr=0.01", "--warmup_tokens=0"]
