@@ -281,8 +281,11 @@ def write_folder(model, to, arch, dtype):
     with open(os.path.join(to, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": EOT, "eos_token_id": EOT, "pad_token_id": EOT}, f, indent=2)
     torch_dtype = getattr(torch, dtype)
-    save_file({k: v.detach().to(torch_dtype).contiguous() for k, v in weights.items()},
-              os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
+    path = os.path.join(to, "model.safetensors")
+    save_file({k: v.detach().to(torch_dtype).contiguous() for k, v in weights.items()}, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; readable like the folder's other files
     write_tokenizer(to)
 
 
@@ -292,6 +295,8 @@ def check_folder(model, to, arch, dtype):
     export dtype) on CHECK_TEXT. Returns the max abs difference; raises ExportError past the tolerance."""
     need("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a weight-loading bar per check is noise here
     import tiktoken
     from data import TOKENIZER
     ids = [EOT] + tiktoken.get_encoding(TOKENIZER).encode_ordinary(CHECK_TEXT)
@@ -348,7 +353,8 @@ def main(argv):
     if diff is not None:
         print(f"checked: transformers' fp32 logits match smoltrain's (max abs difference {diff:.2e})")
     remote = ",trust_remote_code=True" if arch == "remote_code" else ""
-    print(f"lm_eval --model hf --model_args pretrained={cfg['to']}{remote} --tasks hellaswag,arc_easy")
+    print(f"evaluate: lm_eval --model hf --model_args pretrained={cfg['to']}{remote},add_bos_token=True "
+          f"--tasks hellaswag,arc_easy")
 
 
 if __name__ == "__main__":

@@ -191,7 +191,10 @@ def _check_half(q):
 
 def _flash_attn_varlen_func(q, k, v, cu_seqlens, max_len):
     _check_half(q)
-    from flash_attn import flash_attn_varlen_func  # GQA: flash-attn takes fewer k/v heads as they are
+    try:  # inside try: transformers' import check of a trust_remote_code export (export.py) skips optional imports
+        from flash_attn import flash_attn_varlen_func  # GQA: flash-attn takes fewer k/v heads as they are
+    except ImportError as e:
+        raise ImportError("attn_impl='flash_attention_2' lost its flash-attn package; pip install flash-attn") from e
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
 
 

@@ -58,7 +58,7 @@ def val_tokens(val, train):
     return list(np.interp([r["step"] for r in val], steps, tokens)) if steps else [r["step"] for r in val]
 
 
-def plot(runs, out, smooth_weight=0.9):
+def plot(runs, out, smooth_weight=0.8):
     try:
         import matplotlib
     except ImportError:
@@ -103,7 +103,7 @@ def main(argv):
     parser = argparse.ArgumentParser(description="Plot training and validation loss of smoltrain runs.")
     parser.add_argument("runs", nargs="+", help="out_dir of each run (or a log.jsonl)")
     parser.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
-    parser.add_argument("--smooth", type=float, default=0.9, help="EMA weight for the training loss, in [0, 1)")
+    parser.add_argument("--smooth", type=float, default=0.8, help="EMA weight for the training loss, in [0, 1)")
     args = parser.parse_args(argv)
     if not 0 <= args.smooth < 1:
         parser.error(f"--smooth={args.smooth} must be in [0, 1): 0 = no smoothing, 0.99 = heavy")

@@ -129,7 +129,12 @@ def test_exported_logits_and_greedy_tokens_equal_smoltrain(family, runs, exporte
         config = theirs.config
         theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", 0))
         assert theta == 500000.0
-    if family == "deepone":  # left padding (as generate() and lm-eval batch prompts): real tokens ignore the pads
+    if family == "deepone":
+        # what transformers checks before running a remote-code folder from the hub: every package its files import
+        from transformers.dynamic_module_utils import check_imports
+        for name in ("modeling_smoltrain.py", "model.py"):
+            check_imports(str(exported[family] / name))
+        # left padding (as generate() and lm-eval batch prompts): real tokens ignore the pads
         pad = torch.tensor([[EOT] * 5 + x[0, :20].tolist(), x[1, :25].tolist()])
         mask = torch.tensor([[0] * 5 + [1] * 20, [1] * 25])
         logits = theirs(pad, attention_mask=mask).logits
