@@ -473,3 +473,33 @@ def test_data_errors(tmp_path, prepared_data):
     proc = subprocess.run([sys.executable, "-c", f"import data; data.PackedLoader({str(tmp_path / 'missing')!r})"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "prepare.py" in proc.stderr
+
+
+def test_overwritten_index_offsets_are_refused_at_open(tmp_path, prepared_data):
+    import shutil
+    shutil.copytree(prepared_data, tmp_path / "data")
+    idx = tmp_path / "data/cosmopedia-v2/train-00000.idx"
+    offsets = np.fromfile(idx, dtype=np.int64)
+    k = len(offsets) // 2
+    with open(idx, "r+b") as f:  # 8 bytes: one offset jumps past the next (one huge "document", part read twice)
+        f.seek(8 * k)
+        f.write(np.int64(offsets[k + 1] + 686_341).tobytes())
+    with pytest.raises(DataError, match=rf"corrupt index .*cosmopedia-v2/train-00000\.idx: document offset {k + 1} "
+                                        rf"is {offsets[k + 1]}, below offset {k} \({offsets[k + 1] + 686_341}\)"):
+        PackedLoader(tmp_path / "data", block_size=64, batch_size=4)
+
+
+def test_out_of_range_token_ids_stop_with_the_shards_name(tmp_path, prepared_data):
+    import shutil
+    shutil.copytree(prepared_data, tmp_path / "data")
+    shard = tmp_path / "data/fineweb-edu-dedup/train-00000.bin"
+    offsets = np.fromfile(shard.with_suffix(".idx"), dtype=np.int64)
+    doc = len(offsets) // 3
+    with open(shard, "r+b") as f:  # the 6th token of a document becomes id 65535 (the vocabulary ends at 50256)
+        f.seek(2 * (offsets[doc] + 5))
+        f.write(b"\xff\xff")
+    loader = PackedLoader(tmp_path / "data", block_size=64, batch_size=4)
+    with pytest.raises(DataError, match=rf"corrupt shard .*fineweb-edu-dedup/train-00000\.bin: token 5 of document "
+                                        rf"{doc} has id 65535, but the tokenizer r50k_base has 50257 tokens"):
+        while loader.epoch == 0:
+            loader.next_batch()
