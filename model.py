@@ -189,22 +189,6 @@ def _check_half(q):
                            f"dtype='bfloat16' (autocast), or use attn_impl='flex_attention' or 'sdpa'")
 
 
-def _flash_attn_varlen_func(q, k, v, cu_seqlens, max_len):
-    _check_half(q)
-    try:  # inside try: transformers' import check of a trust_remote_code export (export.py) skips optional imports
-        from flash_attn import flash_attn_varlen_func  # GQA: flash-attn takes fewer k/v heads as they are
-    except ImportError as e:
-        raise ImportError("attn_impl='flash_attention_2' lost its flash-attn package; pip install flash-attn") from e
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
-
-
-def _torch_varlen_attn(q, k, v, cu_seqlens, max_len):
-    _check_half(q)
-    from torch.nn.attention.varlen import varlen_attn  # torch's Flash Attention 2 kernels; window (-1, 0) = causal
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(-1, 0),
-                       enable_gqa=q.size(1) != k.size(1))
-
-
 def varlen_kernel():
     """The flash_attention_2 backend's kernel, f(q, k, v [B*T, heads, hd], cu_seqlens, max_len) -> [B*T, H, hd]:
     flash-attn's when it is installed (optional, not in requirements.txt), else torch.nn.attention.varlen (torch
@@ -212,18 +196,29 @@ def varlen_kernel():
     if not torch.cuda.is_available():
         raise RuntimeError("attn_impl='flash_attention_2' needs a CUDA GPU and this machine has none; "
                            "use attn_impl='sdpa' (or 'flex_attention' for CPU inference)")
+    # Imported here, inside try, not in the kernel: traced code stays import-free, and transformers' import check of
+    # a trust_remote_code export (export.py) skips optional imports inside try blocks.
     try:
-        import flash_attn  # noqa: F401
-        return _flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func
     except ImportError:
-        pass
+        flash_attn_varlen_func = None
+    if flash_attn_varlen_func is not None:
+        def flash_attn_kernel(q, k, v, cu_seqlens, max_len):  # GQA: flash-attn takes fewer k/v heads as they are
+            _check_half(q)
+            return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+        return flash_attn_kernel
     try:
-        importlib.import_module("torch.nn.attention.varlen")
-    except ImportError as e:
+        varlen_attn = importlib.import_module("torch.nn.attention.varlen").varlen_attn
+    except (ImportError, AttributeError) as e:
         raise ImportError(f"attn_impl='flash_attention_2' needs the flash-attn package (pip install flash-attn "
                           f"--no-build-isolation) or torch >= 2.10 (torch.nn.attention.varlen; this is torch "
                           f"{torch.__version__}); or use attn_impl='flex_attention' or 'sdpa'") from e
-    return _torch_varlen_attn
+
+    def torch_varlen_kernel(q, k, v, cu_seqlens, max_len):  # torch's Flash Attention 2 kernels; (-1, 0) = causal
+        _check_half(q)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(-1, 0),
+                           enable_gqa=q.size(1) != k.size(1))
+    return torch_varlen_kernel
 
 
 # ---------------------------------------------------------------------------------------------------------------
