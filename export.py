@@ -82,9 +82,10 @@ def load_model(out_dir, ckpt_path):
 # ---------------------------------------------------------------------------------------------------------------
 # which transformers class, its config.json and its weight names
 
-# ModelConfig fields and the value each must have for a transformers Llama/Qwen3 to compute the same function. Any
-# field not named here or in NATIVE_MAPPED is a setting those classes cannot express: refused, so that a new
-# model.py option is never exported silently wrong. attn_impl and loss_chunk_size change how, not what.
+# The ModelConfig fields that the Llama/Qwen3 configs express (attn_impl and loss_chunk_size change how, not what).
+# A field outside this set that is not at its default is a setting those classes cannot express: auto exports it
+# through model.py instead and --target=transformers refuses, so that a new model.py option is never exported
+# silently wrong (and the logit check after writing backs this up).
 NATIVE_MAPPED = {"family", "vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
                  "rope_theta", "norm_eps", "tie_embeddings", "qk_norm", "attn_impl", "loss_chunk_size"}
 
@@ -94,7 +95,9 @@ def pick_architecture(config, target):
     it is Qwen3's (no attention bias, no sliding window), whatever the family is called."""
     if target not in TARGETS:
         raise ExportError(f"--target={target!r} is unknown; choose one of {', '.join(TARGETS)}")
-    unmapped = sorted(set(dataclasses.asdict(config)) - NATIVE_MAPPED)
+    defaults = ModelConfig(family=config.family)
+    unmapped = sorted(f.name for f in dataclasses.fields(ModelConfig)
+                      if f.name not in NATIVE_MAPPED and getattr(config, f.name) != getattr(defaults, f.name))
     native = None
     if config.family in ("llama", "qwen3") and not unmapped:
         native = "qwen3" if config.qk_norm else "llama"

@@ -42,7 +42,6 @@ class SmoltrainForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = SmoltrainConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
-    _supports_sdpa = True
 
     def __init__(self, config):
         super().__init__(config)

@@ -179,6 +179,12 @@ def test_export_command_and_refusals(runs, tmp_path):
             export.export(**kwargs)
         assert message in str(refusal.value)
     assert not (tmp_path / "b").exists()
+    # the class follows the layer, not the family's name: q/k norm makes a Qwen3 layer
+    for family, qk_norm, arch in [("llama", None, "llama"), ("llama", True, "qwen3"), ("qwen3", None, "qwen3"),
+                                  ("qwen3", False, "llama"), ("deepone", None, "remote_code")]:
+        config = ModelConfig(family=family, n_layer=2, n_head=2, d_model=32, qk_norm=qk_norm)
+        assert export.pick_architecture(config, "auto") == arch
+        assert export.pick_architecture(config, "remote_code") == "remote_code"
 
 
 def test_lm_eval_harness_scores_every_document(runs, exported, tmp_path):
