@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 FAMILIES = ("deepone", "llama", "qwen3")
@@ -330,8 +331,16 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.post_norm = cfg.family == "deepone"
         self.alpha = deepnet_constants(cfg.n_layer)[0] if self.post_norm else 1.0
+        self.checkpointed = False  # set by Transformer.set_activation_checkpointing
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
+        if self.checkpointed and torch.is_grad_enabled() and kv_cache is None:
+            # Keep only the Block's input; backward recomputes the rest. Inside forward, so that compile_layers
+            # traces it and FSDP's hooks on the Block (all-gather, reshard) stay outside the recomputed region.
+            return torch.utils.checkpoint.checkpoint(self.layer, x, cos, sin, mask, use_reentrant=False)
+        return self.layer(x, cos, sin, mask, kv_cache)
+
+    def layer(self, x, cos, sin, mask, kv_cache=None):
         if self.post_norm:
             x = self.attn_norm(self.alpha * x + self.attn(x, cos, sin, mask, kv_cache))
             return self.ffn_norm(self.alpha * x + self.ffn(x))
@@ -487,6 +496,17 @@ class Transformer(nn.Module):
             if targets is None:
                 return self.lm_head(h).float(), None
             return None, self.loss_fn(h.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+
+    def set_activation_checkpointing(self, policy):
+        """'none' | 'all' | k (int): every k-th Block (1 = all) keeps only its input for backward and recomputes
+        the rest there: their activation memory for one more forward of those layers (torch.utils.checkpoint)."""
+        every = {"none": 0, "all": 1}.get(policy) if isinstance(policy, str) else policy
+        if every is None or type(every) is not int or (every < 1 and policy not in ("none", "all")):
+            raise ValueError(f"activation_checkpointing={policy!r}: use 'none', 'all' or a positive int k "
+                             f"(every k-th layer)")
+        for i, layer in enumerate(self.layers):
+            layer.checkpointed = every > 0 and i % every == 0
+        return self
 
     def compile_layers(self, **compile_kwargs):
         """Compile each Block and the head+loss in place (nn.Module.compile), so state_dict keys keep no

@@ -44,12 +44,14 @@ import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import optim
 from configurator import configure
 from data import TOKENIZER, PackedLoader, count_tokens, read_meta
 from model import ModelConfig, Transformer, attended_pairs, default_attn_impl, default_dtype, gpu_peak_tflops
+from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
+from parallel import wrap as parallel_wrap
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -75,6 +77,7 @@ batch_size = 8  # sequences per device per micro-step
 grad_accum = 1  # micro-steps per optimizer step, used to simulate larger batches
 block_size = 4096  # tokens per sequence, and the model's maximum length
 restore_data_state = True  # on resume, each rank's data stream continues where it stopped
+init_weights = ""  # a checkpoint path: start this (new) run from its weights only, in any mode; '' = from scratch
 dispatch_batches = False  # rank 0 reads every rank's batches and sends them out (the same batches as reading locally)
 # model: the fields of model.ModelConfig (block_size above is the model's too)
 family = "deepone"
@@ -91,7 +94,7 @@ qk_norm = None  # None = the family's default
 attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) | 'eager' | 'sdpa' | 'flex_attention' | 'flash_attention_2'
 loss_chunk_size = 4096  # rows of hidden states per chunk of the fused head + cross-entropy
 # optimizer
-optimizer = "adamw"  # 'adamw' (model.configure_optimizer, fused on CUDA) | 'adafactor' (torch.optim.Adafactor)
+optimizer = "adamw"  # 'adamw' (torch's, fused on CUDA; optim.AdamW for bf16 weights) | 'adafactor' (optim.Adafactor)
 lr = 1e-4  # peak LR for a global batch of ONE sequence; scaled by sqrt(batch_size * grad_accum * world_size)
 min_lr = 1e-5  # LR at the end of the cosine, same units as lr (scaled the same way)
 weight_decay = 0.1
@@ -102,23 +105,26 @@ grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
 warmup_tokens = 100_000_000  # linear warmup from 0 to the peak LR
 train_tokens = 0  # tokens the schedule spans (cosine ends here); 0 = one epoch of the prepared train data
 max_steps = 0  # stop after this step, with a checkpoint, without changing the schedule; 0 = run to the end
-# DDP
+# DDP / FSDP
 backend = "auto"  # 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
 dist_timeout_s = 0  # seconds a collective waits for a late rank before the run fails; 0 = torch's (NCCL 10 min)
 save_timeout_s = 3600  # seconds the other ranks wait for rank 0 to write a checkpoint (gloo, not dist_timeout_s)
+parallel = "ddp"  # under torchrun: 'ddp' (replicated) | 'fsdp' (FSDP2: weights, grads, optimizer sharded over ranks)
 # system
 device = "auto"  # 'auto' (cuda if available) | 'cuda' | 'cpu' (cpu = no accelerator)
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA and on CPUs with native bf16, else float32) | 'bfloat16' | 'float32'
 compile = True  # torch.compile the model's layers (model.compile_layers), before the DDP wrap
 compile_mode = "default"  # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
 #                           | 'max-autotune-no-cudagraphs'; 'default' until another one is measured faster (issue 8)
+param_dtype = "float32"  # weights, grads, optimizer state: 'float32' (16 B/param) | 'bfloat16' (8 B/param, optim.py)
+activation_checkpointing = None  # None or 'none' | 'all' | k (every k-th layer): recompute activations in backward
 peak_tflops = 0.0  # one device's dense bf16 peak for MFU; 0 = look up the GPU's name
 seed = 1337
 # -----------------------------------------------------------------------------
 CHOICES = {
     "init_from": ("scratch", "resume", "auto"), "save_strategy": ("steps", "epoch", "no"),
     "device": ("auto", "cuda", "cpu"), "backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "bfloat16", "float32"),
-    "optimizer": ("adamw", "adafactor"),
+    "optimizer": ("adamw", "adafactor"), "parallel": ("ddp", "fsdp"), "param_dtype": ("float32", "bfloat16"),
     "attn_impl": ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
@@ -156,7 +162,9 @@ if backend == "auto":
 if backend == "nccl" and device == "cpu":
     die("backend='nccl' needs GPUs; on the CPU use --backend=gloo (or leave backend='auto')")
 if dtype == "auto":
-    dtype = default_dtype(device)
+    dtype = "bfloat16" if param_dtype == "bfloat16" else default_dtype(device)
+if param_dtype == "bfloat16" and dtype != "bfloat16":
+    die("param_dtype='bfloat16' computes in bf16 (bf16 weights); use --dtype=bfloat16 or --dtype=auto with it")
 if attn_impl == "auto":
     attn_impl = default_attn_impl(device)
 if attn_impl == "flash_attention_2" and (device == "cpu" or dtype != "bfloat16"):
@@ -171,6 +179,14 @@ if dist_timeout_s < 0 or save_timeout_s <= 0:
     die(f"dist_timeout_s={dist_timeout_s} must be >= 0 (0 = torch's default) and save_timeout_s={save_timeout_s} > 0")
 if min_lr > lr:
     die(f"min_lr={min_lr} is above lr={lr}; the cosine decays from lr down to min_lr")
+activation_checkpointing = "none" if activation_checkpointing is None else activation_checkpointing
+if activation_checkpointing not in ("none", "all") and not (type(activation_checkpointing) is int
+                                                             and activation_checkpointing >= 1):
+    die(f"activation_checkpointing={activation_checkpointing!r}: use 'none', 'all' or an int k >= 1 (every k-th layer)")
+if parallel == "fsdp" and optimizer == "adafactor":
+    die("optimizer='adafactor' cannot run with parallel='fsdp': its factored row and column statistics span whole "
+        "matrices, which FSDP splits over ranks. Use --optimizer=adamw (with --param_dtype=bfloat16 for 8 bytes a "
+        "parameter), or parallel='ddp'")
 if wandb_log and master:
     try:
         import wandb
@@ -202,8 +218,9 @@ def describe_plan(n_params):
     stop = f", stopping early after step {max_steps}" if max_steps else ""
     return "\n".join([
         f"model: {n_params / 1e6:.2f}M parameters, {model_config}",
-        f"world size {world_size} on {device} ({backend if ddp else 'no DDP'}), {dtype}, compile={compile}"
-        + (f" (mode {compile_mode})" if compile else ""),
+        f"world size {world_size} on {device} ({f'{parallel} over {backend}' if ddp else 'no DDP'}), {dtype}, "
+        f"compile={compile}" + (f" (mode {compile_mode})" if compile else "")
+        + f", weights {param_dtype}, activation checkpointing {activation_checkpointing}",
         f"tokens per step: {batch_size} seqs x {block_size} tokens{accum} x {world_size} ranks = {tokens_per_step:,}",
         f"lr: {lr:g} x sqrt({batch_size * grad_accum * world_size}) = {peak_lr:.3e} peak, min_lr -> {final_lr:.3e}",
         f"schedule: warmup {warmup_tokens:,} tokens ({math.ceil(warmup_tokens / tokens_per_step)} steps), cosine to "
@@ -278,9 +295,17 @@ if ddp:  # every rank resumes from rank 0's checkpoint: on several nodes out_dir
             f"{seen[odd] or 'none'}. With several nodes, out_dir must be one directory shared by all of them (e.g. "
             f"on a network filesystem), so that every rank resumes from the checkpoints rank 0 writes")
 ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
+if init_weights and ckpt:
+    print0(f"init_weights ignored: resuming the run in {out_dir} from {ckpt_path}")
+if init_weights and not ckpt:  # a new run from another run's weights: any parallel mode, param_dtype or optimizer
+    if not os.path.isfile(init_weights):
+        die(f"init_weights={init_weights!r} is not a file; give a checkpoint path such as out/run/ckpt-00001000.pt")
+    ckpt_path, weights_ckpt = init_weights, checkpoint.load(init_weights)
+else:
+    weights_ckpt = None
 
 
-def check_checkpoint(ckpt):
+def check_checkpoint(ckpt, weights_only=False):
     """Refuse a checkpoint that this run cannot continue, saying what differs and what to do."""
     wanted = dataclasses.asdict(model_config)
     # Runtime choices that leave the weights' shapes and meaning alone: the attention kernel, the head+loss chunking,
@@ -291,10 +316,13 @@ def check_checkpoint(ckpt):
         die(f"checkpoint {ckpt_path} holds a different model:\n  " + "\n  ".join(differ) + "\n"
             f"Give the same model settings as the run that wrote it (e.g. the same config file), or train a new model "
             f"with --init_from=scratch and another --out_dir.")
+    if weights_only:
+        return
+    # parallel ('ddp' | 'fsdp') and param_dtype may change: checkpoints hold the full state, cast on load
     if ckpt["config"]["optimizer"] != optimizer:
         die(f"checkpoint {ckpt_path} holds {ckpt['config']['optimizer']} state and this run asks for "
-            f"--optimizer={optimizer}; keep --optimizer={ckpt['config']['optimizer']}, or --init_from=scratch "
-            f"with another --out_dir.")
+            f"--optimizer={optimizer}; keep --optimizer={ckpt['config']['optimizer']}, or start a new run from its "
+            f"weights only: --init_weights={ckpt_path} --out_dir=NEW_DIR.")
     if restore_data_state and ckpt["world_size"] != world_size:
         die(f"checkpoint {ckpt_path} was written by {ckpt['world_size']} ranks and this run has {world_size}: the "
             f"data positions are per rank. Relaunch with {ckpt['world_size']} ranks, or pass --restore_data_state=False "
@@ -303,6 +331,8 @@ def check_checkpoint(ckpt):
 
 if ckpt:
     check_checkpoint(ckpt)
+if weights_ckpt:
+    check_checkpoint(weights_ckpt, weights_only=True)
 
 # -----------------------------------------------------------------------------
 # data: each rank reads its own stream; with dispatch_batches rank 0 reads all of them and scatters the batches
@@ -348,37 +378,27 @@ if dispatch_batches and ddp:
     subsets = shared[0]
 
 # -----------------------------------------------------------------------------
-# model, optimizer, compile, DDP wrap
+# model, compile, DDP wrap or FSDP sharding, optimizer
 try:
     model = Transformer(model_config)
 except (ImportError, RuntimeError) as e:  # an attention backend this machine cannot run; the message says why
     die(str(e))
-if ckpt:
-    try:
-        model.load_state_dict(ckpt["model"])
+if ckpt or weights_ckpt:
+    try:  # the full weights, before any sharding; load_state_dict casts them to this run's param_dtype
+        model.load_state_dict((ckpt or weights_ckpt)["model"])
     except RuntimeError as e:  # same config, different parameters: model.py changed since the checkpoint
         die(f"checkpoint {ckpt_path} does not fit this model.py: {str(e).splitlines()[0]} "
             f"(has model.py changed since?); use the code that wrote it, or --init_from=scratch")
-model.to(device)
-
-
-def make_optimizer(model):
-    adamw = model.configure_optimizer(weight_decay, peak_lr, (beta1, beta2), device_type)
-    if optimizer == "adamw":
-        return adamw
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in adamw.param_groups]
-    return torch.optim.Adafactor(groups, lr=peak_lr)  # same decay / no-decay split as AdamW
-
-
-opt = make_optimizer(model)
-if ckpt:
-    opt.load_state_dict(ckpt["optimizer"])
+    del weights_ckpt
+model.to(device, dtype=getattr(torch, param_dtype))
 if compile:
     model.compile_layers(mode=compile_mode)  # in place, so state_dict keys keep their names
-# Gradients live in DDP's all-reduce buckets (no copy). static_graph lets DDP skip its per-step graph bookkeeping,
-# but only without no_sync: with gradient accumulation it stops all-reducing (pytorch/pytorch#187732).
-ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True,
-                static_graph=grad_accum == 1) if ddp else model
+model.set_activation_checkpointing(activation_checkpointing)
+ddp_model = parallel_wrap(model, parallel, device_type, local_rank, world_size, grad_accum, dtype) if ddp else model
+opt = optim.make_optimizer(model, optimizer, param_dtype, peak_lr, (beta1, beta2), weight_decay, seed,
+                           device_type)  # after FSDP's sharding: it steps the shards
+if ckpt:
+    load_optimizer_state(model, opt, ckpt["optimizer"], parallel if ddp else "ddp")
 
 # -----------------------------------------------------------------------------
 # what a checkpoint carries besides weights and optimizer: the step, the tokens seen (the LR schedule's position),
@@ -431,10 +451,11 @@ def save_checkpoint():
     else:
         data_states = gather(train_loaders[0].state_dict())
     rng_states = gather(rng_state())
+    model_state, opt_state = full_state_dict(model, opt, parallel if ddp else "ddp")  # FSDP: gathered on rank 0
     if master:
         state = {
-            "model": {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(), "step": step, "tokens_seen": tokens_seen,
+            "model": {k.replace("_orig_mod.", ""): v for k, v in model_state.items()},
+            "optimizer": opt_state, "step": step, "tokens_seen": tokens_seen,
             "model_config": dataclasses.asdict(model_config), "config": cfg, "world_size": world_size,
             "data_states": data_states, "rng_states": rng_states,
         }
@@ -501,6 +522,8 @@ def sample_text():
 
     eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
     model.eval()
+    if ddp and parallel == "fsdp":
+        model.unshard()  # generate() calls the embedding and head directly, not the root forward that gathers them
     samples = []
     with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []), eager, autocast:
         torch.manual_seed(seed + step)
@@ -509,6 +532,8 @@ def sample_text():
             greedy = model.generate(idx, SAMPLE_TOKENS, temperature=0)[:, idx.size(1):]
             sampled = model.generate(idx, SAMPLE_TOKENS, temperature=0.8, top_k=50)[:, idx.size(1):]
             samples.append({"prompt": prompt, "greedy": text(greedy), "sampled": text(sampled)})
+    if ddp and parallel == "fsdp":
+        model.reshard()
     model.train()
     return samples
 
@@ -585,7 +610,7 @@ def forward_backward():
         x, y, doc_ids, cu_seqlens = next_batch(train_loaders)
         if log_checksums:
             batches.append(x)
-        sync = nullcontext() if not ddp or micro == grad_accum - 1 else ddp_model.no_sync()
+        sync = set_gradient_sync(ddp_model, parallel, micro == grad_accum - 1) if ddp else nullcontext()
         with sync:  # the forward too must be inside no_sync, or DDP still reduces
             with autocast:
                 _, loss = ddp_model(x, y, doc_ids, cu_seqlens)
@@ -659,6 +684,7 @@ while step < stop_step and tokens_seen < train_tokens:
         group["lr"] = lr_now
     loss, batches = forward_backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = full_tensor(grad_norm)  # FSDP: the norm is a DTensor
     healthy = torch.isfinite(loss) & torch.isfinite(grad_norm)
     first_bad_step = torch.where((first_bad_step == 0) & ~healthy, step + 1, first_bad_step)
     opt.step()  # a non-finite step still updates (no sync to know); it is caught below before anything is saved
@@ -684,7 +710,7 @@ while step < stop_step and tokens_seen < train_tokens:
             f"lower --lr or --grad_clip.")
 
     if log_now:
-        params = checksum(model.parameters()) if log_checksums else None
+        params = checksum(local(p) for p in model.parameters()) if log_checksums else None  # FSDP: own shards
         sums = (gather(params), gather(checksum(batches))) if log_checksums else None
         if master:
             elapsed = time.time() - run_start

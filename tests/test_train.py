@@ -308,7 +308,7 @@ def test_two_identical_runs_store_identical_checkpoints(prepared_data, tmp_path)
 
 def test_adafactor_and_bf16_autocast_on_cpu(prepared_data, tmp_path):
     args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--optimizer=adafactor",
-                   "--dtype=bfloat16", "--lr=0.1", "--min_lr=0.01", "--warmup_tokens=0"]
+                   "--dtype=bfloat16", "--warmup_tokens=0"]
     proc = train(tmp_path, prepared_data, *args, "--max_steps=3")
     assert "bfloat16" in proc.stdout
     train(tmp_path, prepared_data, *args)  # resumes Adafactor's state from the checkpoint

@@ -1,0 +1,194 @@
+"""Scale features: activation checkpointing, bf16 weights with optim.py's sync-free optimizers, FSDP2, cross-mode
+checkpoints, and bench.py --what=memory. CPU only: tiny models, fp32 where results must be exact, 2 gloo ranks."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import optim
+from conftest import ROOT
+from model import ModelConfig, Transformer
+from test_train import TINY, assert_one_clear_error, records, train
+
+SMALL = dict(vocab_size=256, block_size=32, n_layer=4, n_head=2, d_model=32, d_ff=64)
+
+
+def loss_and_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    _, loss = model(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["deepone", "llama"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family=family, **SMALL))
+    x, y = torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))
+    loss, grads = loss_and_grads(model.set_activation_checkpointing("none"), x, y)
+    for policy in ("all", 2, 3):
+        other_loss, other_grads = loss_and_grads(model.set_activation_checkpointing(policy), x, y)
+        assert [b.checkpointed for b in model.layers] == [i % {"all": 1}.get(policy, policy) == 0 for i in range(4)]
+        assert torch.equal(loss, other_loss)
+        for name in grads:  # fp32 on the CPU: the recomputed forward is bit-identical
+            assert torch.equal(grads[name], other_grads[name]), (policy, name)
+    with pytest.raises(ValueError, match="activation_checkpointing=0"):
+        model.set_activation_checkpointing(0)
+
+
+def run_steps(opt_class, params, grads, **kw):
+    opt = opt_class([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}], **kw)
+    for g in grads:
+        for p, gp in zip(params, g):
+            p.grad = gp.clone().to(p.dtype)
+        opt.step()
+    return opt
+
+
+def test_adamw_equals_torch_adamw_in_fp32():
+    torch.manual_seed(0)
+    start = [torch.randn(64, 48), torch.randn(48)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(6)]
+    ours = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95))
+    run_steps(optim.AdamW, ours, grads, **kw)
+    reference = run_steps(torch.optim.AdamW, theirs, grads, foreach=False, **kw)
+    for a, b in zip(ours, theirs):
+        assert not torch.equal(a, start[0] if a.dim() == 2 else start[1])
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # same state names: torch's AdamW state loads into ours (and back), as cross-mode checkpoints rely on
+    again = optim.AdamW([{"params": [p.clone() for p in start[:1]]}, {"params": [start[1].clone()]}], **kw)
+    again.load_state_dict(reference.state_dict())
+    assert int(again.state[again.param_groups[0]["params"][0]]["step"]) == 6
+
+
+def test_stochastic_rounding_is_unbiased():
+    below = torch.tensor([1.0, -3.0, 2.0**-70, 255.0])  # bf16 values; add a fraction of their spacing (ulp)
+    ulp = torch.tensor([2**-7, 2**-6, 2.0**-77, 1.0])  # bf16 has 8 significant bits
+    x = below + ulp * torch.tensor([0.3, 0.9, 0.5, 0.01]) * below.sign()
+    gen = torch.Generator().manual_seed(0)
+    rounded = torch.stack([optim.stochastic_round_to_bf16(x.expand(4096, 4).contiguous(), gen) for _ in range(8)])
+    rounded = rounded.float().flatten(0, 1)
+    assert ((rounded == below) | (rounded == below + ulp * below.sign())).all()  # only the two neighbours
+    # mean of 32768 roundings: within 5 standard errors of x; round-to-nearest is off by 0.01 ulp or more on each
+    p = ((x - below) / (ulp * below.sign())).double()
+    tolerance = 5 * (p * (1 - p) / rounded.size(0)).sqrt() * ulp
+    assert ((rounded.double().mean(0) - x.double()).abs() <= tolerance).all(), (rounded.double().mean(0), x)
+    assert ((x.to(torch.bfloat16).float() - x).abs() > 0.009 * ulp).all()
+    # special values pass through
+    special = torch.tensor([0.0, float("inf"), -float("inf")])
+    assert torch.equal(optim.stochastic_round_to_bf16(special, gen).float(), special)
+
+
+def test_bf16_adamw_moves_weights_by_updates_below_bf16_resolution():
+    # lr 1e-4 on weights of 1.0: each step is 1/78 of a bf16 ulp there. Round-to-nearest never moves them.
+    w = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+    opt = optim.AdamW([w], lr=1e-4, weight_decay=0.0, seed=3)
+    for _ in range(50):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    assert opt.state[w]["exp_avg"].dtype == torch.bfloat16
+    assert w.float().mean().item() == pytest.approx(1 - 50 * 1e-4, abs=2e-4)  # unbiased: 0.995 on average
+
+
+def test_optimizers_never_read_a_device_value(monkeypatch):
+    # On a GPU each .item() / bool() / float() of a device tensor is a host-device sync. Forbid them all.
+    params = [torch.randn(16, 8, requires_grad=True), torch.randn(8, requires_grad=True)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(2)]
+
+    def forbidden(*args):
+        raise AssertionError("host-device sync in the optimizer step")
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    run_steps(optim.AdamW, [p.detach().bfloat16().requires_grad_() for p in params], grads)
+    run_steps(optim.Adafactor, params, grads)
+    with pytest.raises(AssertionError, match="host-device sync"):  # the check bites: torch's Adafactor syncs
+        run_steps(torch.optim.Adafactor, params, grads)
+
+
+def test_adafactor_lr_is_an_absolute_step():
+    # Constant gradients: the normalised update is +-1 per element (RMS 1), so one step moves each weight by lr,
+    # whatever the weight's scale (torch.optim.Adafactor's lr is relative to the weight's RMS instead).
+    w = torch.full((8, 4), 10.0, requires_grad=True)
+    b = torch.full((4,), 0.001, requires_grad=True)
+    w.grad, b.grad = torch.full_like(w, 0.5), torch.full_like(b, -2.0)
+    opt = optim.Adafactor([w, b], lr=0.01)
+    opt.step()
+    torch.testing.assert_close(w, torch.full_like(w, 10.0 - 0.01))
+    torch.testing.assert_close(b, torch.full_like(b, 0.001 + 0.01))
+    assert set(opt.state[w]) == {"step", "row_var", "col_var"} and opt.state[w]["row_var"].shape == (8,)
+
+
+# -----------------------------------------------------------------------------
+# train.py: FSDP and bf16 weights resume exactly; checkpoints cross modes; refusals
+
+FSDP = TINY + ["--batch_size=2", "--grad_accum=2", "--train_tokens=3072", "--warmup_tokens=1024", "--eval_interval=0",
+               "--save_interval=100", "--parallel=fsdp", "--activation_checkpointing=all"]
+
+
+def test_fsdp_resumes_exactly_and_its_checkpoints_load_under_ddp_and_one_rank(prepared_data, tmp_path):
+    # 6 steps of FSDP2 over 2 gloo ranks (grad accumulation, every layer checkpointed) in one go, and 3 + 3
+    train(tmp_path / "a", prepared_data, *FSDP, ranks=2, timeout=180)
+    proc = train(tmp_path / "b", prepared_data, *FSDP, "--max_steps=3", ranks=2, timeout=180)
+    assert "fsdp over gloo" in proc.stdout and "activation checkpointing all" in proc.stdout
+    ckpt = checkpoint.load(checkpoint.latest(str(tmp_path / "b")))  # full, unsharded tensors from rank 0
+    assert ckpt["model"]["lm_head.weight"].shape == (50304, 32) and not hasattr(ckpt["model"]["lm_head.weight"],
+                                                                                "to_local")
+    assert ckpt["optimizer"]["state"][0]["exp_avg"].shape == ckpt["model"]["tok_emb.weight"].shape
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "ddp" / "ckpt-00000003.pt").write_bytes(Path(checkpoint.latest(str(tmp_path / "b"))).read_bytes())
+    train(tmp_path / "b", prepared_data, *FSDP, ranks=2, timeout=180)
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in range(1, 7):
+        assert b[s]["loss"] == a[s]["loss"], f"step {s}: {b[s]['loss']} != {a[s]['loss']}"
+        assert b[s]["param_checksum"] == a[s]["param_checksum"]  # each rank's shards, bit for bit
+    assert a[6]["param_checksum"][0] != a[6]["param_checksum"][1]  # (the ranks hold different shards)
+    # the FSDP checkpoint resumes under DDP (weights and optimizer state, same data positions): the same run
+    train(tmp_path / "ddp", prepared_data, *FSDP, "--parallel=ddp", ranks=2, timeout=180)
+    ddp = records(tmp_path / "ddp")
+    for s in range(4, 7):
+        assert ddp[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5, abs=0)
+        assert ddp[s]["param_checksum"][0] == ddp[s]["param_checksum"][1]  # replicated again
+    # ... and in one process with bf16 weights (the data streams restart: another world size)
+    proc = train(tmp_path / "ddp", prepared_data, *FSDP, "--param_dtype=bfloat16", "--dtype=auto",
+                 "--restore_data_state=False", "--train_tokens=4096", timeout=180)
+    assert "resuming from" in proc.stdout and "weights bfloat16" in proc.stdout
+    ckpt = checkpoint.load(checkpoint.latest(str(tmp_path / "ddp")))
+    assert ckpt["model"]["tok_emb.weight"].dtype == torch.bfloat16
+    assert ckpt["optimizer"]["state"][0]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_bf16_weights_resume_exactly_and_weights_only_loading(prepared_data, tmp_path):
+    args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--save_interval=100",
+                   "--param_dtype=bfloat16", "--dtype=auto", "--activation_checkpointing=2"]
+    train(tmp_path / "a", prepared_data, *args)
+    train(tmp_path / "b", prepared_data, *args, "--max_steps=3")
+    train(tmp_path / "b", prepared_data, *args)
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [a[s]["loss"] for s in range(1, 7)] == [b[s]["loss"] for s in range(1, 7)]
+    assert a[6]["param_checksum"] == b[6]["param_checksum"]  # stochastic rounding replays after a resume
+    assert a[6]["loss"] < a[1]["loss"] - 0.1
+    last = checkpoint.latest(str(tmp_path / "a"))
+    # another optimizer cannot continue AdamW's state: refused, naming the weights-only way
+    proc = train(tmp_path / "a", prepared_data, *args, "--optimizer=adafactor", "--train_tokens=1024", ok=False)
+    assert_one_clear_error(proc, "holds adamw state", f"--init_weights={last}")
+    # ... which starts a new run from those weights: fp32, Adafactor, step 1
+    proc = train(tmp_path / "c", prepared_data, *TINY, "--batch_size=2", "--train_tokens=256", "--optimizer=adafactor",
+                 f"--init_weights={last}")
+    c = records(tmp_path / "c")
+    assert sorted(c) == [1, 2] and c[1]["loss"] < a[1]["loss"] - 0.1  # it starts from the trained weights
+    # weights of another model, a bad policy, and a mode that cannot work: one clear error each
+    proc = train(tmp_path / "d", prepared_data, *TINY, "--d_model=64", f"--init_weights={last}", ok=False)
+    assert_one_clear_error(proc, "holds a different model", "d_model: checkpoint 32, this run 64")
+    proc = train(tmp_path / "d", prepared_data, *TINY, "--activation_checkpointing='some'", ok=False)
+    assert_one_clear_error(proc, "activation_checkpointing='some'", "'none', 'all' or an int k >= 1")
+    proc = train(tmp_path / "d", prepared_data, *TINY, "--parallel=fsdp", "--optimizer=adafactor", ok=False)
+    assert_one_clear_error(proc, "optimizer='adafactor' cannot run with parallel='fsdp'")
+    proc = train(tmp_path / "d", prepared_data, *TINY, "--param_dtype=bfloat16", ok=False)  # TINY has float32
+    assert_one_clear_error(proc, "param_dtype='bfloat16' computes in bf16", "--dtype=bfloat16")
