@@ -166,14 +166,14 @@ def test_fsdp_resumes_exactly_and_its_checkpoints_load_under_ddp_and_one_rank(pr
 
 def test_bf16_weights_resume_exactly_and_weights_only_loading(prepared_data, tmp_path):
     args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--save_interval=100",
-                   "--param_dtype=bfloat16", "--dtype=auto", "--activation_checkpointing=2"]
+                   "--param_dtype=bfloat16", "--dtype=auto", "--activation_checkpointing=2", "--lr=1e-2", "--min_lr=1e-3"]
     train(tmp_path / "a", prepared_data, *args)
     train(tmp_path / "b", prepared_data, *args, "--max_steps=3")
     train(tmp_path / "b", prepared_data, *args)
     a, b = records(tmp_path / "a"), records(tmp_path / "b")
     assert [a[s]["loss"] for s in range(1, 7)] == [b[s]["loss"] for s in range(1, 7)]
     assert a[6]["param_checksum"] == b[6]["param_checksum"]  # stochastic rounding replays after a resume
-    assert a[6]["loss"] < a[1]["loss"] - 0.1
+    assert a[6]["loss"] < a[1]["loss"] - 0.3
     last = checkpoint.latest(str(tmp_path / "a"))
     # another optimizer cannot continue AdamW's state: refused, naming the weights-only way
     proc = train(tmp_path / "a", prepared_data, *args, "--optimizer=adafactor", "--train_tokens=1024", ok=False)
@@ -182,7 +182,7 @@ def test_bf16_weights_resume_exactly_and_weights_only_loading(prepared_data, tmp
     proc = train(tmp_path / "c", prepared_data, *TINY, "--batch_size=2", "--train_tokens=256", "--optimizer=adafactor",
                  f"--init_weights={last}")
     c = records(tmp_path / "c")
-    assert sorted(c) == [1, 2] and c[1]["loss"] < a[1]["loss"] - 0.1  # it starts from the trained weights
+    assert sorted(c) == [1, 2] and c[1]["loss"] < a[1]["loss"] - 0.3  # it starts from the trained weights
     # weights of another model, a bad policy, and a mode that cannot work: one clear error each
     proc = train(tmp_path / "d", prepared_data, *TINY, "--d_model=64", f"--init_weights={last}", ok=False)
     assert_one_clear_error(proc, "holds a different model", "d_model: checkpoint 32, this run 64")
