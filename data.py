@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TOKENIZER = "r50k_base"  # what prepare.py writes; token ids must mean the same thing to the model
+from tokenizer import TOKENIZER  # what prepare.py writes; token ids must mean the same thing to the model
 
 
 class DataError(SystemExit):

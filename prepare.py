@@ -35,11 +35,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import durable
+from tokenizer import TOKENIZER, TokenizerError, load_tokenizer
 
 REPO_ID = "HuggingFaceTB/smollm-corpus"
 REVISION = "3ba9d605774198c5868892d7a8deda78031a781f"  # pinned, so that a rerun months later reads the same files
 SUBSETS = ("cosmopedia-v2", "fineweb-edu-dedup")
-TOKENIZER = "r50k_base"  # GPT-2 BPE: 50257 tokens, <|endoftext|> = 50256
 READ_BATCH_ROWS = 1024   # rows per parquet record batch: bounds memory whatever the file size
 TOKENIZE_CHUNK_ROWS = 256  # rows per task sent to a worker process
 VAL_MAX_SHARE = 0.1  # val takes at most this share of a subset's first file, so a small corpus keeps its train data
@@ -57,8 +57,10 @@ _encoding = None
 def get_encoding():
     global _encoding
     if _encoding is None:
-        import tiktoken
-        _encoding = tiktoken.get_encoding(TOKENIZER)
+        try:
+            _encoding = load_tokenizer()
+        except TokenizerError as e:
+            raise PrepareError(str(e)) from None
     return _encoding
 
 

@@ -9,6 +9,7 @@ Reads the newest checkpoint in out_dir (or ckpt_path) with torch.load(weights_on
 the model config stored in it, and prints num_samples continuations, each cut at the first <|endoftext|> it writes.
 """
 
+import os
 import sys
 from contextlib import nullcontext
 
@@ -16,8 +17,8 @@ import torch
 
 import checkpoint
 from configurator import configure
-from data import TOKENIZER
 from model import ModelConfig, Transformer, default_attn_impl
+from tokenizer import TokenizerError, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run's directory: its newest checkpoint is used
@@ -39,9 +40,27 @@ if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 if device == "cuda" and not torch.cuda.is_available():
     sys.exit("sample.py: device='cuda' but torch sees no GPU; use --device=cpu")
+if ckpt_path and not os.path.isfile(ckpt_path):
+    folder = os.path.dirname(ckpt_path) or "."
+    near = checkpoint.latest(folder) if os.path.isdir(folder) else None
+    sys.exit(f"sample.py: --ckpt_path={ckpt_path} does not exist; "
+             + (f"the newest checkpoint there is {near}" if near else "give the path of a ckpt-NNNNNNNN.pt file, or "
+                "--out_dir=DIR to take the newest checkpoint in DIR"))
 path = ckpt_path or checkpoint.latest(out_dir)
 if not path:
     sys.exit(f"sample.py: no checkpoint (ckpt-*.pt) in {out_dir}; train first, e.g. python train.py config/smoke.py")
+if start.startswith("FILE:"):
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"sample.py: cannot read the prompt file of --start=FILE:{start[5:]} "
+                 f"({e.strerror if isinstance(e, OSError) else e}); give an existing UTF-8 text file")
+try:  # before the checkpoint, which may be large: offline without tiktoken's cache this fails
+    enc = load_tokenizer()
+except TokenizerError as e:
+    sys.exit(f"sample.py: {e}")
+
 ckpt = checkpoint.load(path)
 model_config = ModelConfig(**{**ckpt["model_config"],
                               "attn_impl": attn_impl if attn_impl != "auto" else default_attn_impl(device)})
@@ -51,12 +70,6 @@ model.to(device).eval()
 print(f"{path}: step {ckpt['step']}, {ckpt['tokens_seen']:,} tokens seen", file=sys.stderr)
 del ckpt
 
-import tiktoken  # noqa: E402  (after the checks above, so that a missing checkpoint is reported first)
-
-enc = tiktoken.get_encoding(TOKENIZER)
-if start.startswith("FILE:"):
-    with open(start[5:], encoding="utf-8") as f:
-        start = f.read()
 prompt = [enc.eot_token] + enc.encode_ordinary(start)  # training documents open with <|endoftext|> too
 idx = torch.tensor([prompt], dtype=torch.long, device=device)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()

@@ -93,3 +93,18 @@ def prepared_data(tmp_path_factory):
     write_hub_layout(base / "hub", {"cosmopedia-v2": [120, 100], "fineweb-edu-dedup": [110]}, seed=1)
     run_prepare("--source", base / "hub", "--out", base / "data", "--val-docs", 10, "--workers", 1)
     return base / "data"
+
+
+def offline_env(tmp_path):
+    """os.environ with an empty tiktoken cache and every proxy variable pointing at a closed loopback port, so that
+    a download fails at once as it does without network (nothing else is replaced)."""
+    import socket
+    with socket.socket() as s:  # bound, never listening: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    (Path(tmp_path) / "empty-tiktoken-cache").mkdir(exist_ok=True)
+    env.update({"TIKTOKEN_CACHE_DIR": str(Path(tmp_path) / "empty-tiktoken-cache"), "HTTPS_PROXY": proxy,
+                "https_proxy": proxy, "HTTP_PROXY": proxy, "http_proxy": proxy, "ALL_PROXY": proxy})
+    return env

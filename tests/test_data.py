@@ -16,7 +16,7 @@ import pytest
 import tiktoken
 import torch
 
-from conftest import ROOT, run_prepare, write_hub_layout, write_subset_file
+from conftest import ROOT, offline_env, run_prepare, write_hub_layout, write_subset_file
 from data import DataError, PackedLoader, count_tokens, cu_seqlens_of, segment_capacity
 
 EOT = 50256
@@ -295,6 +295,15 @@ def test_unreachable_hub_says_how_to_use_source(tmp_path):
     assert proc.returncode == 1 and "--source DIR" in proc.stderr and "Traceback" not in proc.stderr
     # at once, without huggingface_hub's ~24 s of retries (which log "Retrying in Ns")
     assert "cannot reach the Hugging Face Hub" in proc.stderr and "Retrying" not in proc.stderr, proc.stderr
+
+
+def test_offline_without_a_tokenizer_cache_says_what_to_do(tmp_path):
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [3], "fineweb-edu-dedup": [3]})
+    proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "out", env=offline_env(tmp_path), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for words in ("prepare.py: error: tiktoken could not load the r50k_base tokenizer", "must download it once",
+                  "r50k_base.tiktoken", "set TIKTOKEN_CACHE_DIR"):
+        assert words in proc.stderr, proc.stderr
 
 
 # ----------------------------------------------------------------------------- data.py

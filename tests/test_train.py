@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import ROOT, run_prepare, write_hub_layout
+from conftest import ROOT, offline_env, run_prepare, write_hub_layout
 from data import count_tokens, read_meta
 
 # --device=cpu (and so gloo under torchrun): these tests are about CPU behaviour and must pass unchanged on a GPU machine
@@ -382,11 +382,29 @@ def test_config_errors_and_dry_run(prepared_data, tmp_path):
 def test_sample_prints_text(base2):
     proc = run([f"--out_dir={base2}", "--device=cpu", "--start=The water", "--num_samples=2", "--max_new_tokens=8"], script="sample.py")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("The water") == 2 and "ckpt-00000008.pt: step 8" in proc.stderr
+    assert "ckpt-00000008.pt: step 8" in proc.stderr
+    samples = proc.stdout.split("---------------\n")
+    assert samples[-1] == "" and len(samples) == 3, proc.stdout
+    for sample in samples[:2]:  # sample.py prints the prompt itself: the text after it is what the model wrote
+        assert sample.startswith("The water") and len(sample.rstrip("\n")) > len("The water") + 8, proc.stdout
     proc = run([f"--out_dir={base2}", "--device=cpu", "--max_new_tokens=4", "--temperature=0"], script="sample.py")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("---------------\n")[0].strip(), "greedy sampling from a fresh document wrote nothing"
     proc = run(["--out_dir=/nonexistent/run", "--device=cpu"], script="sample.py")
     assert_one_clear_error(proc, "no checkpoint (ckpt-*.pt) in /nonexistent/run")
+
+
+def test_sample_errors(base2, tmp_path):
+    proc = run([f"--ckpt_path={base2 / 'ckpt-00000099.pt'}", "--device=cpu"], script="sample.py")
+    assert_one_clear_error(proc, f"--ckpt_path={base2 / 'ckpt-00000099.pt'} does not exist; the newest checkpoint "
+                                 f"there is {base2 / 'ckpt-00000008.pt'}")
+    assert "Move it away" not in proc.stdout + proc.stderr
+    proc = run([f"--out_dir={base2}", "--device=cpu", f"--start=FILE:{tmp_path / 'missing.txt'}"], script="sample.py")
+    assert_one_clear_error(proc, f"cannot read the prompt file of --start=FILE:{tmp_path / 'missing.txt'} "
+                                 f"(No such file or directory)")
+    proc = run([f"--out_dir={base2}", "--device=cpu"], script="sample.py", env=offline_env(tmp_path))
+    assert_one_clear_error(proc, "tiktoken could not load the r50k_base tokenizer", "must download it once",
+                           "set TIKTOKEN_CACHE_DIR")
 
 
 def test_smoke_preset_saves_often_enough_to_show_resume():
