@@ -17,14 +17,16 @@ Each document is stored as [<|endoftext|>] + encode_ordinary(text) with GPT-2's 
 every document opens with the end-of-text token. Null and empty texts are skipped and counted.
 
 Crash-safe: every shard is written under a .tmp name, fsynced and renamed when complete (the directory fsynced too, so
-a power cut cannot lose the rename), and meta.json is rewritten atomically after each source file; a rerun skips finished files and redoes an unfinished one, giving output
-byte-identical to an uninterrupted run.
+a power cut cannot lose the rename), and meta.json is rewritten atomically after each source file; a rerun skips
+finished files and redoes an unfinished one, giving output byte-identical to an uninterrupted run. Killed, even by
+SIGKILL, prepare.py takes its worker processes with it; SIGTERM shuts the pool down and exits 143.
 """
 import argparse
 import errno
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -62,6 +64,20 @@ def get_encoding():
         except TokenizerError as e:
             raise PrepareError(str(e)) from None
     return _encoding
+
+
+def die_with_parent(parent_pid):
+    """Worker initializer: the kernel kills this worker when prepare.py dies, even by SIGKILL (Linux
+    prctl(PR_SET_PDEATHSIG)), so no worker outlives it, tokenizing for nobody and holding its stdout/stderr open.
+    Ctrl-C is left to the parent, which shuts the pool down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG, linux/prctl.h
+    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM handler still shuts the pool down
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def tokenize_texts(texts, encoding=None):
@@ -320,7 +336,7 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
     progress = Progress(total, total - len(todo))
     print(f"[prepare] {total} files ({', '.join(f'{s}: {len(p)}' for s, p in files.items())}), "
           f"{len(todo)} to do, {workers} workers -> {out}", file=sys.stderr)
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) if workers > 1 else None
     try:
         for subset, i, rel in todo:
             (out / subset).mkdir(exist_ok=True)
@@ -362,6 +378,12 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
     return meta
 
 
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (docker stop, systemd, Slurm): unwind through prepare()'s finally, which shuts the worker pool down."""
+    print(f"\nprepare.py: stopped by {signal.Signals(signum).name}; rerun the same command to resume", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -376,6 +398,7 @@ def main(argv=None):
     p.add_argument("--keep-parquet", action="store_true", help="keep downloaded parquet files after tokenizing")
     p.add_argument("--revision", default=REVISION, help="hub revision (commit) to download")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     subsets = [s for s in (args.subsets or ",".join(SUBSETS)).split(",") if s]
     unknown = [s for s in subsets if s not in SUBSETS]
     try:

@@ -81,6 +81,31 @@ def test_fraction_takes_first_files_per_subset(tmp_path):
     assert len(meta["subsets"]["fineweb-edu-dedup"]["shards"]) == 1
 
 
+def process_state(pid):
+    """The state letter of /proc/<pid>/stat ('R', 'S', 'T' stopped, 'Z' zombie), or None once the pid is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def freeze_when(proc, condition, timeout=60):
+    """SIGSTOP proc at a moment when condition() holds, checked again once the process is really stopped: nothing
+    can change between that check and whatever the caller does next (no race with a rename on a busy machine)."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, "prepare.py finished before it could be stopped; make the fixture bigger"
+        assert time.time() < deadline, "timed out waiting for the moment to stop prepare.py"
+        if condition():
+            proc.send_signal(signal.SIGSTOP)
+            while process_state(proc.pid) not in ("T", "t"):  # kill() returns before the process has stopped
+                time.sleep(0.001)
+            if condition():
+                return
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.002)
+
+
 def test_kill_during_prepare_then_rerun_gives_identical_bytes(tmp_path):
     write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [300, 300], "fineweb-edu-dedup": [300, 300]}, seed=5,
                      words=(200, 600))
@@ -90,19 +115,48 @@ def test_kill_during_prepare_then_rerun_gives_identical_bytes(tmp_path):
         proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--source", str(tmp_path / "hub"),
                                  "--out", str(out), "--val-docs", "10", "--workers", "1"], cwd=ROOT,
                                 stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            tmps = list(out.rglob("*.tmp"))
-            shards = list(out.rglob("train-*.bin"))
-            if (kill_at == "first .tmp file" and tmps) or (kill_at == "second shard" and len(shards) >= 2 and tmps):
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, "prepare.py finished before it could be killed; make the fixture bigger"
+        if kill_at == "first .tmp file":
+            freeze_when(proc, lambda: list(out.rglob("*.tmp")))
+        else:
+            freeze_when(proc, lambda: len(list(out.rglob("train-*.bin"))) >= 2 and list(out.rglob("*.tmp")))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert list(out.rglob("*.tmp")), "the kill should land while a shard is being written"
         run_prepare("--source", tmp_path / "hub", "--out", out, "--val-docs", 10, "--workers", 1)
         assert tree_bytes(out) == tree_bytes(tmp_path / "clean")  # no .tmp left, every byte the same
+
+
+def descendants(pid):
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            found += [child] + descendants(child)
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_prepare_takes_its_workers_with_it(tmp_path, sig):
+    """A pipeline around prepare.py (here: pytest reading its stdout and stderr) ends when prepare.py is killed:
+    no worker outlives it holding the pipes open."""
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [200], "fineweb-edu-dedup": [200]}, seed=6, words=(200, 600))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--source", str(tmp_path / "hub"),
+                             "--out", str(tmp_path / "out"), "--val-docs", "0", "--workers", "2"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # stopped while both workers exist and a shard is being written, so they hold tokenizing work
+        freeze_when(proc, lambda: len(descendants(proc.pid)) >= 2 and list((tmp_path / "out").rglob("*.tmp")))
+        workers = descendants(proc.pid)
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=30)  # EOF on both pipes: every process holding them has exited
+    finally:
+        proc.kill()
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 143), stderr
+    if sig == signal.SIGTERM:
+        assert "stopped by SIGTERM; rerun the same command to resume" in stderr and "Traceback" not in stderr
+    deadline = time.time() + 10
+    while any(process_state(w) not in (None, "Z") for w in workers) and time.time() < deadline:
+        time.sleep(0.01)
+    assert [w for w in workers if process_state(w) not in (None, "Z")] == [], "a worker outlived prepare.py"
 
 
 def test_prepare_input_errors(tmp_path):
