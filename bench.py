@@ -299,7 +299,8 @@ def header(cfg):
     device, dtype = resolve_device_dtype(cfg)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     peak = peak_tflops(cfg, device)
-    return (f"device: {name} | torch {torch.__version__} | dtype {dtype} | compile {cfg['compile']}"
+    compiled = f"{cfg['compile']}" + (f" (mode {cfg['compile_mode']})" if cfg["compile"] else "")
+    return (f"device: {name} | torch {torch.__version__} | dtype {dtype} | compile {compiled}"
             + (f" | MFU peak {peak} TFLOP/s (bf16 dense)" if peak else "")
             + "\nFLOPs per token = 6 * (body params + vocab * d_model) + 12 * n_layer * d_model * T * attn_fraction")
 
