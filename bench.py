@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import optim
 from configurator import configure
 from data import cu_seqlens_of
 from model import (ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, default_attn_impl, default_dtype,
@@ -32,7 +33,7 @@ from model import (ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, default
 
 HERE = Path(__file__).resolve().parent
 BENCH_DEFAULTS = {
-    "what": "train",     # 'train' | 'loader' | 'prepare' | 'profile'
+    "what": "train",     # 'train' | 'loader' | 'prepare' | 'profile' | 'memory'
     "steps": 5,          # timed steps (after warmup)
     "warmup": 2,         # untimed steps first: compilation, allocator warm-up
     "lean_loss": "on",   # 'on' (chunked head+loss, as train.py) | 'off' (full fp32 logits + F.cross_entropy) | 'all'
@@ -40,8 +41,11 @@ BENCH_DEFAULTS = {
     "batch": "synthetic",  # 'synthetic' (random tokens, documents of mean doc_len) | 'data' (train.py's first batch)
     "source": "",        # --what=prepare: a local dir laid out like the hub repo
     "json": False,       # print JSON lines instead of a table
+    "gpu_gb": 24.0,      # --what=memory: one GPU's memory in GB (2^30 bytes), e.g. 24 for an RTX 4090 / L4 / A10
+    "reserve_gb": 1.0,   # --what=memory: of gpu_gb, left for the CUDA context and allocator fragmentation
+    "ranks": 1,          # --what=memory: ranks that share the FSDP shards (parallel='fsdp')
 }
-BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile"), "lean_loss": ("on", "off", "all"),
+BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile", "memory"), "lean_loss": ("on", "off", "all"),
                  "batch": ("synthetic", "data")}
 
 
@@ -71,7 +75,8 @@ def train_defaults():
 
 def resolve_device_dtype(cfg):
     device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else default_dtype(device)
+    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if cfg["param_dtype"] == "bfloat16"
+                                                          else default_dtype(device))  # as train.py resolves it
     return device, dtype
 
 
@@ -115,10 +120,11 @@ def make_step(cfg):
     device, dtype = resolve_device_dtype(cfg)
     fields = {f: cfg[f] for f in ModelConfig.__dataclass_fields__ if f in cfg}
     fields["attn_impl"] = cfg["attn_impl"] if cfg["attn_impl"] != "auto" else default_attn_impl(device)
-    model = Transformer(ModelConfig(**fields)).to(device)
+    model = Transformer(ModelConfig(**fields)).to(device, dtype=getattr(torch, cfg["param_dtype"]))
     if cfg["compile"]:
         model.compile_layers(mode=cfg["compile_mode"])
-    optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device)
+    model.set_activation_checkpointing(cfg["activation_checkpointing"] or "none")
+    optimizer = optim.make_optimizer(model, cfg["optimizer"], cfg["param_dtype"], 1e-4, (0.9, 0.95), 0.1, 0, device)
     batch = synthetic_batch(cfg, device) if cfg["batch"] == "synthetic" else data_batch(cfg, device)
     x, y, doc_ids, cu_seqlens = batch
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
@@ -305,6 +311,28 @@ def header(cfg):
             + "\nFLOPs per token = 6 * (body params + vocab * d_model) + 12 * n_layer * d_model * T * attn_fraction")
 
 
+def bench_memory(cfg):
+    """Predicted per-rank peak memory of a train step (memory.py) against gpu_gb; on CUDA also the measured peak of
+    real steps at this config (one rank: the FSDP figures of more ranks are predicted only)."""
+    import memory
+    device, _ = resolve_device_dtype(cfg)
+    # the prediction is for a GPU: dtype 'auto' means bf16 there, whatever this machine's default
+    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else "bfloat16"
+    record = {"what": "memory", "config": f"{cfg['family']} L{cfg['n_layer']} d{cfg['d_model']}",
+              "batch": f"{cfg['batch_size']}x{cfg['block_size']}", "parallel": cfg["parallel"],
+              "param_dtype": cfg["param_dtype"], "dtype": dtype, "optimizer": cfg["optimizer"],
+              "act_ckpt": cfg["activation_checkpointing"] or "none",
+              **memory.predict({**cfg, "dtype": dtype}, cfg["ranks"])}
+    if device == "cuda" and record["ranks"] == 1:
+        measured = run_child(cfg, {"what": "train", "steps": 2, "warmup": 1})
+        record["measured_peak_GB"] = measured.get("peak_mem_GB", measured.get("error"))
+    budget = cfg["gpu_gb"] - cfg["reserve_gb"]
+    record["verdict"] = (f"{'fits' if record['predicted_peak_GB'] <= budget else 'does not fit'}: predicted peak "
+                         f"{record['predicted_peak_GB']:.2f} GB of {cfg['gpu_gb']:g} GB ({cfg['reserve_gb']:g} GB "
+                         f"reserved)")
+    return record
+
+
 def main():
     choices = {**train_choices(), **BENCH_CHOICES}
     choices["attn_impl"] += ("all",)
@@ -318,7 +346,8 @@ def main():
                 combos = [{**c, key: v} for c in combos for v in values]
         records = [run_child(cfg, c) for c in combos]
     else:
-        what = {"train": bench_train, "loader": bench_loader, "prepare": bench_prepare, "profile": bench_profile}
+        what = {"train": bench_train, "loader": bench_loader, "prepare": bench_prepare, "profile": bench_profile,
+                "memory": bench_memory}
         records = [what[cfg["what"]](cfg)]
     if cfg["json"]:
         for r in records:
@@ -327,6 +356,7 @@ def main():
     print(header(cfg))
     if cfg["what"] == "profile":
         return print_profile(records[0])
+    verdict = records[0].pop("verdict", None)
     keys = list(dict.fromkeys(k for r in records for k in r))
     rows = [[str(r.get(k, "")) for k in keys] for r in records]
     widths = [max(len(k), *(len(row[i]) for row in rows)) for i, k in enumerate(keys)]
@@ -334,6 +364,8 @@ def main():
     print("-+-".join("-" * w for w in widths))
     for row in rows:
         print(" | ".join(v.ljust(w) for v, w in zip(row, widths)))
+    if verdict:
+        print(verdict)  # the last line: 'fits: ...' or 'does not fit: ...'
 
 
 def available(attn_impl, cfg):

@@ -192,3 +192,50 @@ def test_bf16_weights_resume_exactly_and_weights_only_loading(prepared_data, tmp
     assert_one_clear_error(proc, "optimizer='adafactor' cannot run with parallel='fsdp'")
     proc = train(tmp_path / "d", prepared_data, *TINY, "--param_dtype=bfloat16", ok=False)  # TINY has float32
     assert_one_clear_error(proc, "param_dtype='bfloat16' computes in bf16", "--dtype=bfloat16")
+
+
+# -----------------------------------------------------------------------------
+# memory accounting and bench.py --what=memory
+
+@pytest.mark.parametrize("param_dtype, optimizer, total", [("float32", "adamw", 16), ("bfloat16", "adamw", 8),
+                                                           ("float32", "adafactor", 8), ("bfloat16", "adafactor", 4)])
+def test_bytes_per_parameter_counted_from_tensors(param_dtype, optimizer, total):
+    import memory
+    cfg = dict(family="llama", n_head=4, n_kv_head=2, tie_embeddings=True, qk_norm=False, param_dtype=param_dtype,
+               optimizer=optimizer, dtype="float32" if param_dtype == "float32" else "bfloat16")
+    per_param = memory.bytes_per_param(cfg)  # after a real step: the optimizer state exists
+    assert per_param["weights"] == per_param["grads"] == (4 if param_dtype == "float32" else 2)
+    # Adafactor's factored rows and columns, and the step counters, are a small extra on this tiny model
+    assert total <= sum(per_param.values()) <= total + (0.6 if optimizer == "adafactor" else 0.01), per_param
+
+
+def test_bench_memory_on_smoke():
+    def bench(*args):
+        proc = subprocess.run([sys.executable, "bench.py", "config/smoke.py", "--what=memory", "--device=cpu", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip().splitlines()
+    lines = bench("--activation_checkpointing='all'", "--gpu_gb=24")
+    assert lines[-1].startswith("fits: predicted peak ") and lines[-1].endswith("GB of 24 GB (1 GB reserved)")
+    row = dict(zip([k.strip() for k in lines[-4].split("|")], [v.strip() for v in lines[-2].split("|")]))
+    assert row["params_M"] == "13.3" and row["weights_B_per_param"] == "4.0" and row["optim_B_per_param"] == "8.0"
+    assert 0 < float(row["activations_GB"]) < float(row["predicted_peak_GB"]) < 1
+    # bf16 weights halve the state; a budget below the peak does not fit
+    record = json.loads(bench("--param_dtype=bfloat16", "--gpu_gb=1.2", "--json=True")[-1])
+    assert record["weights_B_per_param"] == 2.0 and record["optim_B_per_param"] == 4.0
+    assert record["predicted_peak_GB"] > 0.2 and record["verdict"].startswith("does not fit: predicted peak")
+
+
+def test_1b7_preset_is_about_1_7b_and_predicted_to_fit_24_gb_under_ddp():
+    import runpy
+
+    import bench
+    import memory
+    cfg = {**bench.train_defaults(), **runpy.run_path(str(ROOT / "config" / "deepone_1b7.py"))}
+    fields = {k: cfg[k] for k in ModelConfig.__dataclass_fields__ if k in cfg}
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**{**fields, "attn_impl": "sdpa"}))
+    assert cfg["family"] == "deepone" and model.config.head_dim in (64, 128)
+    assert 1.6e9 <= model.num_params() <= 1.8e9
+    prediction = memory.predict({**cfg, "dtype": "bfloat16"}, ranks=1)
+    assert cfg["parallel"] == "ddp" and prediction["predicted_peak_GB"] <= 24 - 1, prediction

@@ -1,0 +1,27 @@
+# DeepOne at about 1.7B parameters (1.67B: 24 layers of d_model 2048, 16 heads of dim 128, untied 50k head), set to
+# train under DDP on GPUs of 24 GB: bf16 weights with optim.py's stochastic-rounding AdamW (8 bytes a parameter
+# instead of 16) and every layer's activations recomputed in backward. Predicted peak per GPU (bench.py
+# --what=memory, see README "Memory"): 16.1 GB at 2 x 4096 tokens; not measured on a GPU yet.
+#   torchrun --standalone --nproc_per_node=8 train.py config/deepone_1b7.py
+#   python bench.py config/deepone_1b7.py --what=memory --gpu_gb=24
+# With more GPU memory, param_dtype='float32' keeps fp32 master weights (16 bytes a parameter: 27 GB of state), or
+# parallel='fsdp' shards that state over the ranks.
+family = "deepone"
+vocab_size = 50304
+n_layer = 24
+n_head = 16          # head dim 128
+n_kv_head = 16
+d_model = 2048
+d_ff = 7168          # 3.5 d_model, a multiple of 256
+rope_theta = 10000.0
+norm_eps = 1e-6
+qk_norm = True
+tie_embeddings = False
+# memory: see bench.py --what=memory
+param_dtype = "bfloat16"
+activation_checkpointing = "all"
+batch_size = 2       # x 4096 tokens per GPU per micro-step
+grad_accum = 4       # 32k tokens per GPU per step
+block_size = 4096
+lr = 3e-5            # for a batch of one sequence; x sqrt(8 x 8 GPUs) = 2.4e-4 peak on 8 GPUs
+min_lr = 3e-6
