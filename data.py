@@ -82,7 +82,8 @@ class Shard:
             i = int(decreasing[0]) + 1
             raise DataError(f"corrupt index {idx_path}: document offset {i} is {int(self.offsets[i])}, below offset "
                             f"{i - 1} ({int(self.offsets[i - 1])}); offsets must rise from 0 to the shard's {n_tokens} "
-                            f"tokens. Prepare the data again (python prepare.py with the same options, into a new --out)")
+                            f"tokens. Delete it and its .bin, then re-run prepare.py with the same options to "
+                            f"redo them")
         self.bin_path = bin_path
 
     def document(self, i):
@@ -250,8 +251,8 @@ class PackedLoader:
                 path = self.shards[s][shard].bin_path
                 raise DataError(f"corrupt shard {path}: token {offset + int(bad[0])} of document {doc} has id "
                                 f"{int(rows[b, pos + bad[0]])}, but the tokenizer {TOKENIZER} has {self.n_vocab} "
-                                f"tokens. Prepare the data again (python prepare.py with the same options, into a new "
-                                f"--out)")
+                                f"tokens. Delete it and its .idx, then re-run prepare.py with the same options to "
+                                f"redo them")
 
     # ------------------------------------------------------------------ checkpointing
 

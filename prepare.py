@@ -323,6 +323,12 @@ def format_seconds(s):
 
 # ----------------------------------------------------------------------------- main
 
+def shard_files_exist(out, subset, shard, meta):
+    """Whether a shard listed in meta.json is on disk (its .bin and .idx, and the val pair it wrote, if any)."""
+    names = [shard["name"]] + (["val"] if shard["name"] == "train-00000" and "val" in meta["subsets"][subset] else [])
+    return all((out / subset / f"{name}{ext}").exists() for name in names for ext in (".bin", ".idx"))
+
+
 def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, revision, subsets_required=True):
     out = Path(out)
     files = list_source_files(source, subsets, revision, subsets_required)
@@ -330,7 +336,8 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
     files = {s: paths[:math.ceil(fraction * len(paths))] for s, paths in files.items()}
     out.mkdir(parents=True, exist_ok=True)
     meta = load_or_new_meta(out, source, revision, files, val_docs)
-    done = {(s, sh["source"]) for s in meta["subsets"] for sh in meta["subsets"][s]["shards"]}
+    done = {(s, sh["source"]) for s in meta["subsets"] for sh in meta["subsets"][s]["shards"]
+            if shard_files_exist(out, s, sh, meta)}  # a shard deleted since (e.g. found corrupt) is redone
     todo = [(s, i, p) for s in subsets for i, p in enumerate(files[s]) if (s, p) not in done]
     total = sum(len(p) for p in files.values())
     progress = Progress(total, total - len(todo))
@@ -351,6 +358,7 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
                                   f"{VAL_MAX_SHARE:.0%} of a subset's first file), not --val-docs {val_docs}")
             result = tokenize_file(pf, out / subset, f"train-{i:05d}", wanted_val, pool, workers, progress)
             shards = meta["subsets"][subset]["shards"]
+            shards[:] = [sh for sh in shards if sh["source"] != rel]  # a redone shard replaces its old entry
             shards.append({"name": f"train-{i:05d}", "source": rel, **result["train"],
                            "skipped_docs": result["skipped_docs"]})
             shards.sort(key=lambda sh: sh["name"])

@@ -126,6 +126,19 @@ def test_kill_during_prepare_then_rerun_gives_identical_bytes(tmp_path):
         assert tree_bytes(out) == tree_bytes(tmp_path / "clean")  # no .tmp left, every byte the same
 
 
+def test_a_deleted_shard_is_redone_by_a_rerun(tmp_path):
+    """What the corrupt-shard messages advise: delete the shard (and its .idx), rerun prepare.py the same way."""
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [30, 30], "fineweb-edu-dedup": [30]}, seed=8)
+    args = ("--source", tmp_path / "hub", "--out", tmp_path / "out", "--val-docs", 3, "--workers", 1)
+    run_prepare(*args)
+    clean = tree_bytes(tmp_path / "out")
+    for name in ("cosmopedia-v2/train-00001", "fineweb-edu-dedup/val"):
+        for ext in (".bin", ".idx"):
+            (tmp_path / "out" / f"{name}{ext}").unlink()
+        proc = run_prepare(*args)
+        assert "1 to do" in proc.stderr and tree_bytes(tmp_path / "out") == clean
+
+
 def descendants(pid):
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
