@@ -196,6 +196,16 @@ def remote_code_weights(model):
 # ---------------------------------------------------------------------------------------------------------------
 # the GPT-2 tokenizer, rebuilt from tiktoken's ranks (no download; what prepare.py tokenized with)
 
+
+def gpt2_encoding():
+    """tiktoken's r50k_base (tokenizer.py), or one clear ExportError saying how to get it offline."""
+    from tokenizer import TokenizerError, load_tokenizer
+    try:
+        return load_tokenizer()
+    except TokenizerError as e:
+        raise ExportError(str(e)) from None
+
+
 def bytes_to_unicode():
     """GPT-2's byte -> printable character table (openai/gpt-2 encoder.py; tiktoken.load's data_gym mapping)."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
@@ -211,9 +221,7 @@ def gpt2_vocab_and_merges():
     """(vocab {token string: id}, merges ["a b", ...] in rank order) equal to GPT-2's encoder.json and vocab.bpe.
     Each multi-byte token is the merge of the two parts that BPE, replayed with the lower ranks only, leaves
     (byte-exact with the published files, see shared/notes/torch-cpu.md section 6)."""
-    from data import TOKENIZER
-    import tiktoken
-    enc = tiktoken.get_encoding(TOKENIZER)
+    enc = gpt2_encoding()
     ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
     to_char = bytes_to_unicode()
 
@@ -300,9 +308,7 @@ def check_folder(model, to, arch, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a weight-loading bar per check is noise here
-    import tiktoken
-    from data import TOKENIZER
-    ids = [EOT] + tiktoken.get_encoding(TOKENIZER).encode_ordinary(CHECK_TEXT)
+    ids = [EOT] + gpt2_encoding().encode_ordinary(CHECK_TEXT)
     remote = arch == "remote_code"
     hf_ids = AutoTokenizer.from_pretrained(to, trust_remote_code=remote)(CHECK_TEXT)["input_ids"]
     if hf_ids != ids[1:]:

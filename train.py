@@ -40,7 +40,6 @@ import time
 from contextlib import nullcontext
 
 import numpy as np
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -48,10 +47,11 @@ import torch.nn.functional as F
 import checkpoint
 import optim
 from configurator import configure
-from data import TOKENIZER, PackedLoader, count_tokens, read_meta
+from data import PackedLoader, count_tokens, read_meta
 from model import ModelConfig, Transformer, attended_pairs, default_attn_impl, default_dtype, gpu_peak_tflops
 from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
 from parallel import wrap as parallel_wrap
+from tokenizer import TokenizerError, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -187,6 +187,12 @@ if parallel == "fsdp" and optimizer == "adafactor":
     die("optimizer='adafactor' cannot run with parallel='fsdp': its factored row and column statistics span whole "
         "matrices, which FSDP splits over ranks. Use --optimizer=adamw (with --param_dtype=bfloat16 for 8 bytes a "
         "parameter), or parallel='ddp'")
+sample_tokenizer = None
+if sample_interval:  # loaded now, so that a missing tokenizer stops the run before training, not at the first sample
+    try:
+        sample_tokenizer = load_tokenizer()
+    except TokenizerError as e:
+        die(f"sample_interval={sample_interval} needs the tokenizer: {e}")
 if wandb_log and master:
     try:
         import wandb
@@ -513,7 +519,7 @@ def sample_text():
     """A greedy and a sampled (temperature 0.8, top 50) continuation of each of SAMPLE_PROMPTS. Every rank runs it
     (a sharded model needs them all), with a private RNG so that training's random stream is untouched; compiled
     layers run eagerly here, as generation changes shapes every token."""
-    enc = tiktoken.get_encoding(TOKENIZER)
+    enc = sample_tokenizer
 
     def text(ids):
         ids = ids[0].tolist()

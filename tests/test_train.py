@@ -394,7 +394,7 @@ def test_sample_prints_text(base2):
     assert_one_clear_error(proc, "no checkpoint (ckpt-*.pt) in /nonexistent/run")
 
 
-def test_sample_errors(base2, tmp_path):
+def test_sample_errors(base2, prepared_data, tmp_path):
     proc = run([f"--ckpt_path={base2 / 'ckpt-00000099.pt'}", "--device=cpu"], script="sample.py")
     assert_one_clear_error(proc, f"--ckpt_path={base2 / 'ckpt-00000099.pt'} does not exist; the newest checkpoint "
                                  f"there is {base2 / 'ckpt-00000008.pt'}")
@@ -405,6 +405,11 @@ def test_sample_errors(base2, tmp_path):
     proc = run([f"--out_dir={base2}", "--device=cpu"], script="sample.py", env=offline_env(tmp_path))
     assert_one_clear_error(proc, "tiktoken could not load the r50k_base tokenizer", "must download it once",
                            "set TIKTOKEN_CACHE_DIR")
+    # train.py with samples during training loads the tokenizer at start: offline, it stops before any step
+    proc = train(tmp_path / "offline", prepared_data, *TINY, "--batch_size=2", "--sample_interval=1", ok=False,
+                 env=offline_env(tmp_path))
+    assert_one_clear_error(proc, "sample_interval=1 needs the tokenizer", "must download it once", "TIKTOKEN_CACHE_DIR")
+    assert "step 1" not in proc.stdout and not (tmp_path / "offline" / "log.jsonl").exists()
 
 
 def test_smoke_preset_saves_often_enough_to_show_resume():
