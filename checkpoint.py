@@ -9,6 +9,7 @@ Checkpoint files of a run: `out_dir/ckpt-NNNNNNNN.pt`, NNNNNNNN being the optimi
                                          CPU, or one clear error: the tensors stay in the file's page cache, so the
                                          ranks of a node share one copy instead of each reading the whole checkpoint
                                          into its own memory
+    rng_state(cuda), set_rng_state(rng, cuda)  this process's torch, CUDA, Python and numpy RNG states, and back
 
 A checkpoint holds only tensors, plain containers, numbers and strings, so it loads with weights_only=True.
 
@@ -20,9 +21,11 @@ that turn into NaN a step later.
 
 import glob
 import os
+import random
 import re
 import zipfile
 
+import numpy as np
 import torch
 
 import durable
@@ -86,3 +89,21 @@ def load(path):
             f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"Move it away to resume from the previous checkpoint in {os.path.dirname(path) or '.'}."
         ) from None
+
+
+def rng_state(cuda):
+    """This process's RNG states as tensors and plain values, so that the checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
+            "python": list(random.getstate()),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def set_rng_state(rng, cuda):
+    torch.set_rng_state(rng["torch"])
+    if cuda and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

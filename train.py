@@ -411,24 +411,6 @@ if ckpt:
 # every rank's data position and RNG states
 
 
-def rng_state():
-    """This rank's RNG states as tensors and plain values, so that the checkpoint loads with weights_only=True."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
-            "python": list(random.getstate()),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-
-
-def set_rng_state(rng):
-    torch.set_rng_state(rng["torch"])
-    if device_type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, gauss = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-
-
 step, tokens_seen = 0, 0
 if ckpt:
     step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
@@ -436,7 +418,7 @@ if ckpt:
         for loader in train_loaders:
             loader.load_state_dict(ckpt["data_states"][loader.rank])
     if rank < len(ckpt["rng_states"]):  # (after a world size change, the new ranks keep their fresh seed)
-        set_rng_state(ckpt["rng_states"][rank])
+        checkpoint.set_rng_state(ckpt["rng_states"][rank], cuda=device_type == "cuda")
     print0(f"resuming from {ckpt_path}: step {step}, {tokens_seen:,} tokens seen")
     del ckpt
 planned_steps = step + math.ceil(max(0, train_tokens - tokens_seen) / tokens_per_step)  # batch size may have changed
@@ -456,7 +438,7 @@ def save_checkpoint():
         data_states = [loader.state_dict() for loader in train_loaders] if master else None
     else:
         data_states = gather(train_loaders[0].state_dict())
-    rng_states = gather(rng_state())
+    rng_states = gather(checkpoint.rng_state(cuda=device_type == "cuda"))
     model_state, opt_state = full_state_dict(model, opt, parallel if ddp else "ddp")  # FSDP: gathered on rank 0
     if master:
         state = {
