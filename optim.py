@@ -22,6 +22,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from parallel import local as _local  # a DTensor's local shard, a view: in-place ops on it change the DTensor
+
 CHUNK = 1 << 24  # elements per slice of AdamW's fp32 working copies: 5 x 64 MB at most
 
 
@@ -32,11 +34,6 @@ def stochastic_round_to_bf16(x, generator=None):
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
     bits = noise.add_(x.view(torch.int32)).bitwise_and_(-65536)  # -65536 = 0xFFFF0000
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
-
-
-def _local(t):
-    """A DTensor's local shard (a view: in-place ops on it change the DTensor); other tensors as they are."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class _SyncFreeOptimizer(torch.optim.Optimizer):
