@@ -28,8 +28,8 @@ import torch
 import optim
 from configurator import configure
 from data import cu_seqlens_of
-from model import (ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, default_attn_impl, default_dtype,
-                   gpu_peak_tflops, varlen_kernel)
+from model import (ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, checkpoint_every, default_attn_impl,
+                   default_dtype, gpu_peak_tflops, varlen_kernel)
 
 HERE = Path(__file__).resolve().parent
 BENCH_DEFAULTS = {
@@ -123,7 +123,7 @@ def make_step(cfg):
     model = Transformer(ModelConfig(**fields)).to(device, dtype=getattr(torch, cfg["param_dtype"]))
     if cfg["compile"]:
         model.compile_layers(mode=cfg["compile_mode"])
-    model.set_activation_checkpointing(cfg["activation_checkpointing"] or "none")
+    model.set_activation_checkpointing(cfg["activation_checkpointing"])
     optimizer = optim.make_optimizer(model, cfg["optimizer"], cfg["param_dtype"], 1e-4, (0.9, 0.95), 0.1, 0, device)
     batch = synthetic_batch(cfg, device) if cfg["batch"] == "synthetic" else data_batch(cfg, device)
     x, y, doc_ids, cu_seqlens = batch
@@ -337,6 +337,10 @@ def main():
     choices = {**train_choices(), **BENCH_CHOICES}
     choices["attn_impl"] += ("all",)
     cfg = configure({**train_defaults(), **BENCH_DEFAULTS}, sys.argv[1:], choices=choices)
+    try:
+        checkpoint_every(cfg["activation_checkpointing"])
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {e}") from None
     sweeps = {"attn_impl": [a for a in ATTN_IMPLS if available(a, cfg)] if cfg["attn_impl"] == "all" else None,
               "lean_loss": ["off", "on"] if cfg["lean_loss"] == "all" else None}
     if cfg["what"] == "train" and any(sweeps.values()):

@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 import optim
-from model import ModelConfig, Transformer, rope_tables
+from model import ModelConfig, Transformer, checkpoint_every, rope_tables
 
 GiB = 2**30
 
@@ -116,8 +116,7 @@ def predict(cfg, ranks):
     dtype = cfg["dtype"]
     fixed, per_token, x_bytes, head_fixed, head_per_token = activation_bytes(cfg, dtype)
     tokens = cfg["batch_size"] * cfg["block_size"]
-    policy = cfg["activation_checkpointing"]
-    every = {None: 0, "none": 0, "all": 1}.get(policy, policy)
+    every = checkpoint_every(cfg["activation_checkpointing"])
     n_ckpt = len(range(0, cfg["n_layer"], every)) if every else 0
     n_kept = cfg["n_layer"] - n_ckpt
     if fsdp:

@@ -348,6 +348,16 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def checkpoint_every(policy):
+    """The activation_checkpointing setting as k, checkpointing every k-th Block: 0 for 'none' (or None, the config
+    default), 1 for 'all', else the int itself; a ValueError naming the value for anything else. The one parser of
+    the setting: train.py (to refuse it before training), Transformer.set_activation_checkpointing and memory.py."""
+    every = {"none": 0, "all": 1}.get(policy, policy) if isinstance(policy, str) else (0 if policy is None else policy)
+    if type(every) is not int or every < 0 or (every == 0 and policy not in (None, "none")):
+        raise ValueError(f"activation_checkpointing={policy!r}: use 'none', 'all' or an int k >= 1 (every k-th layer)")
+    return every
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Memory-lean head + loss. Plain F.cross_entropy(lm_head(h).float(), targets) holds [B*T, vocab] logits in bf16
 # and fp32 plus their gradient: 8 x 4096 x 50304 x 10 bytes = 16 GB. Here one chunk of rows lives at a time.
@@ -500,10 +510,7 @@ class Transformer(nn.Module):
     def set_activation_checkpointing(self, policy):
         """'none' | 'all' | k (int): every k-th Block (1 = all) keeps only its input for backward and recomputes
         the rest there: their activation memory for one more forward of those layers (torch.utils.checkpoint)."""
-        every = {"none": 0, "all": 1}.get(policy) if isinstance(policy, str) else policy
-        if every is None or type(every) is not int or (every < 1 and policy not in ("none", "all")):
-            raise ValueError(f"activation_checkpointing={policy!r}: use 'none', 'all' or a positive int k "
-                             f"(every k-th layer)")
+        every = checkpoint_every(policy)
         for i, layer in enumerate(self.layers):
             layer.checkpointed = every > 0 and i % every == 0
         return self

@@ -48,7 +48,8 @@ import checkpoint
 import optim
 from configurator import configure
 from data import PackedLoader, count_tokens, read_meta
-from model import ModelConfig, Transformer, attended_pairs, default_attn_impl, default_dtype, gpu_peak_tflops
+from model import (ModelConfig, Transformer, attended_pairs, checkpoint_every, default_attn_impl, default_dtype,
+                   gpu_peak_tflops)
 from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
 from parallel import wrap as parallel_wrap
 from tokenizer import TokenizerError, load_tokenizer
@@ -179,10 +180,11 @@ if dist_timeout_s < 0 or save_timeout_s <= 0:
     die(f"dist_timeout_s={dist_timeout_s} must be >= 0 (0 = torch's default) and save_timeout_s={save_timeout_s} > 0")
 if min_lr > lr:
     die(f"min_lr={min_lr} is above lr={lr}; the cosine decays from lr down to min_lr")
+try:
+    checkpoint_every(activation_checkpointing)
+except ValueError as e:
+    die(str(e))
 activation_checkpointing = "none" if activation_checkpointing is None else activation_checkpointing
-if activation_checkpointing not in ("none", "all") and not (type(activation_checkpointing) is int
-                                                             and activation_checkpointing >= 1):
-    die(f"activation_checkpointing={activation_checkpointing!r}: use 'none', 'all' or an int k >= 1 (every k-th layer)")
 if parallel == "fsdp" and optimizer == "adafactor":
     die("optimizer='adafactor' cannot run with parallel='fsdp': its factored row and column statistics span whole "
         "matrices, which FSDP splits over ranks. Use --optimizer=adamw (with --param_dtype=bfloat16 for 8 bytes a "

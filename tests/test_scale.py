@@ -224,6 +224,11 @@ def test_bench_memory_on_smoke():
     record = json.loads(bench("--param_dtype=bfloat16", "--gpu_gb=1.2", "--json=True")[-1])
     assert record["weights_B_per_param"] == 2.0 and record["optim_B_per_param"] == 4.0
     assert record["predicted_peak_GB"] > 0.2 and record["verdict"].startswith("does not fit: predicted peak")
+    # a bad checkpointing value is one clear error, as in train.py (one parser: model.checkpoint_every)
+    proc = subprocess.run([sys.executable, "bench.py", "config/smoke.py", "--what=memory", "--device=cpu",
+                           "--activation_checkpointing=0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "bench.py: activation_checkpointing=0: use 'none', 'all' or an int k >= 1" in proc.stderr
 
 
 def test_1b7_preset_is_about_1_7b_and_predicted_to_fit_24_gb_under_ddp():
