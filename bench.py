@@ -199,10 +199,12 @@ def bench_profile(cfg):
     _, step, sync, _ = make_step(cfg)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         for _ in range(cfg["steps"]):
             step()
         sync()
-    times, by_name = {}, {}
+        wall_us = (time.perf_counter() - t0) * 1e6
+    times, by_name, spans, launches = {}, {}, [], 0
     events = prof.events()
     # On CUDA the timed items are the kernels (and copies); each is linked to the CPU op that launched it
     ops = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
@@ -210,8 +212,10 @@ def bench_profile(cfg):
     for event in events:
         if event.device_type != timed:
             continue
+        launches += 1
         if device == "cuda":
             op, us = ops.get(event.linked_correlation_id), event.time_range.end - event.time_range.start
+            spans.append((event.time_range.start, event.time_range.end))
         else:
             op, us = event, event.self_cpu_time_total
         ranges = []
@@ -224,16 +228,35 @@ def bench_profile(cfg):
         by_name[(event.name, category)] = by_name.get((event.name, category), 0.0) + us
     total = sum(times.values()) or 1.0
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    # Gaps: the share of the profiled time when nothing ran, i.e. the device waited for the host to launch (CUDA:
+    # from the first kernel's start to the last one's end; CPU: the Python and dispatch time between ops). The
+    # profiler slows the host down, so on CUDA this is an upper bound of the gaps in an unprofiled step.
+    busy, span = (busy_and_span(spans) if device == "cuda" else (total, wall_us))
     return {"what": "profile", "time": "device (CUDA kernels)" if device == "cuda" else "CPU (self time of ops)",
             "steps": cfg["steps"], "step_ms": round(total / 1e3 / cfg["steps"], 2),
+            "kernels_per_step": round(launches / cfg["steps"]),
+            "gaps_pct": round(max(0.0, 100 * (1 - busy / span)), 1) if span > 0 else None,
             "share_pct": {c: round(100 * times.get(c, 0.0) / total, 1)
                           for c in ("matmul", "attention", "head+loss", "norms+elementwise", "optimizer")},
             "top": [{"name": name[:90], "category": cat, "ms_per_step": round(us / 1e3 / cfg["steps"], 3),
                      "pct": round(100 * us / total, 1)} for (name, cat), us in top]}
 
 
+def busy_and_span(intervals):
+    """(time covered by at least one of the (start, end) intervals, time from the first start to the last end)."""
+    busy, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            busy, reach = busy + end - start, end
+        elif end > reach:
+            busy, reach = busy + end - reach, end
+    return busy, (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
+
+
 def print_profile(record):
-    print(f"{record['time']} per step: {record['step_ms']} ms, over {record['steps']} profiled steps")
+    print(f"{record['time']} per step: {record['step_ms']} ms, over {record['steps']} profiled steps; "
+          f"{record['kernels_per_step']} {'kernels' if 'CUDA' in record['time'] else 'ops'} per step; "
+          f"idle between them {record['gaps_pct']}% of the time")
     print("share: " + " | ".join(f"{c} {p}%" for c, p in record["share_pct"].items()))
     print(f"top kernels/ops:\n{'ms/step':>9} {'%':>5}  {'category':<17} name")
     for row in record["top"]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import model as model_module
 from conftest import ROOT
 from data import PackedLoader, cu_seqlens_of
@@ -165,6 +166,12 @@ def test_bench_profile_reports_where_the_step_goes():
     assert all(shares[c] > 0 for c in shares) and sum(shares.values()) == pytest.approx(100, abs=0.5)
     assert shares["head+loss"] > shares["attention"]  # a 50304-class head on a d32 model dominates
     assert record["time"].startswith("CPU") and record["step_ms"] > 0
+    assert record["kernels_per_step"] > 100 and 0 <= record["gaps_pct"] < 100  # ops per step, on a CPU
+    assert "ops per step" in run("bench.py", *TINY[:-1], "--vocab_size=50304", "--device=cpu", "--what=profile",
+                                 "--steps=1", "--warmup=1").stdout
+    # the device's busy time: overlapping kernels (two streams) count once, the idle stretch between them not at all
+    assert bench.busy_and_span([(10, 12), (11, 13), (15, 16), (12, 12.5)]) == (4, 6)
+    assert bench.busy_and_span([]) == (0.0, 0.0)
     names = {row["name"]: row["category"] for row in record["top"]}
     assert len(record["top"]) == 15 and names.get("aten::addcdiv_") == "optimizer"
     assert any(c == "attention" for n, c in names.items() if "scaled_dot_product" in n) or shares["attention"] > 0
