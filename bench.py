@@ -91,8 +91,9 @@ def synthetic_batch(cfg, device):
     data.PackedLoader's batches: (x, y, doc_ids, cu_seqlens)."""
     g = torch.Generator().manual_seed(0)
     B, T = cfg["batch_size"], cfg["block_size"]
-    x = torch.randint(0, 50257, (B, T), generator=g)
-    y = torch.randint(0, 50257, (B, T), generator=g)
+    n_tokens = min(50257, cfg["vocab_size"])  # GPT-2's tokens, or fewer for a model with a smaller vocabulary
+    x = torch.randint(0, n_tokens, (B, T), generator=g)
+    y = torch.randint(0, n_tokens, (B, T), generator=g)
     doc_ids = torch.zeros(B, T, dtype=torch.long)
     for b in range(B):
         lengths = (-torch.rand(T, generator=g).log() * cfg["doc_len"]).long().clamp(min=1)  # exponential
@@ -104,7 +105,10 @@ def synthetic_batch(cfg, device):
 
 def data_batch(cfg, device):
     """The first batch train.py reads from data_dir on rank 0 of one (same loader, same seed): real documents."""
-    from data import PackedLoader
+    from data import PackedLoader, read_meta
+    if read_meta(cfg["data_dir"])["vocab_size"] > cfg["vocab_size"]:
+        raise SystemExit(f"bench.py: vocab_size={cfg['vocab_size']} is below the "
+                         f"{read_meta(cfg['data_dir'])['vocab_size']} tokens of the data's tokenizer")
     loader = PackedLoader(cfg["data_dir"], "train", cfg["block_size"], cfg["batch_size"], seed=cfg["seed"])
     return tuple(t.to(device) for t in loader.next_batch())
 
@@ -115,12 +119,18 @@ def attended_fraction(cu_seqlens, B, T):
     return attended_pairs(cu_seqlens).item() / (B * T * T)
 
 
+def model_config(cfg, device):
+    """The ModelConfig of cfg's model keys (a ValueError naming a bad size or combination), attn_impl 'auto' resolved
+    for the device."""
+    fields = {f: cfg[f] for f in ModelConfig.__dataclass_fields__ if f in cfg}
+    fields["attn_impl"] = cfg["attn_impl"] if cfg["attn_impl"] not in ("auto", "all") else default_attn_impl(device)
+    return ModelConfig(**fields)
+
+
 def make_step(cfg):
     """The model, optimizer and batch of one train step as train.py builds them; returns (model, step, sync, batch)."""
     device, dtype = resolve_device_dtype(cfg)
-    fields = {f: cfg[f] for f in ModelConfig.__dataclass_fields__ if f in cfg}
-    fields["attn_impl"] = cfg["attn_impl"] if cfg["attn_impl"] != "auto" else default_attn_impl(device)
-    model = Transformer(ModelConfig(**fields)).to(device, dtype=getattr(torch, cfg["param_dtype"]))
+    model = Transformer(model_config(cfg, device)).to(device, dtype=getattr(torch, cfg["param_dtype"]))
     if cfg["compile"]:
         model.compile_layers(mode=cfg["compile_mode"])
     model.set_activation_checkpointing(cfg["activation_checkpointing"])
@@ -362,8 +372,9 @@ def main():
     cfg = configure({**train_defaults(), **BENCH_DEFAULTS}, sys.argv[1:], choices=choices)
     try:
         checkpoint_every(cfg["activation_checkpointing"])
+        model_config(cfg, resolve_device_dtype(cfg)[0])
     except ValueError as e:
-        raise SystemExit(f"bench.py: {e}") from None
+        raise SystemExit(f"bench.py: bad model config: {e}") from None
     sweeps = {"attn_impl": [a for a in ATTN_IMPLS if available(a, cfg)] if cfg["attn_impl"] == "all" else None,
               "lean_loss": ["off", "on"] if cfg["lean_loss"] == "all" else None}
     if cfg["what"] == "train" and any(sweeps.values()):

@@ -189,6 +189,21 @@ def test_speed_options_are_checked(args, fragments):
         assert fragment in out, out
 
 
+def test_bench_names_bad_configs_and_runs_small_vocabularies(prepared_data):
+    """bench.py stops with one line for a model it cannot build or data its vocabulary cannot hold (was a traceback),
+    and its synthetic batch fits a vocabulary smaller than GPT-2's (was an index error)."""
+    for args, fragments in [(["--n_head=7"], ["bad model config", "d_model=768", "n_head=7"]),
+                            (["--batch=data", f"--data_dir={prepared_data}", "--vocab_size=256"],
+                             ["vocab_size=256", "tokenizer"])]:
+        proc = run("bench.py", "--device=cpu", *args)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Traceback" not in out, out[-2000:]
+        assert all(f in out for f in fragments), out
+    proc = run("bench.py", *TINY, "--device=cpu", "--vocab_size=256", "--steps=1", "--warmup=0", "--json=True")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"] > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU only
 
