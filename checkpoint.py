@@ -1,5 +1,6 @@
 """
-Checkpoint files of a run: `out_dir/ckpt-NNNNNNNN.pt`, NNNNNNNN being the optimizer step. Used by train.py and sample.py.
+Checkpoint files of a run: `out_dir/ckpt-NNNNNNNN.pt`, NNNNNNNN being the optimizer step. Used by train.py, sample.py
+and export.py.
 
     save(obj, out_dir, step, keep_last)  torch.save to ckpt-NNNNNNNN.pt.tmp, fsync, rename; then delete all but the
                                          newest keep_last. A crash mid-save, even kill -9, leaves only a .tmp file,
@@ -9,6 +10,9 @@ Checkpoint files of a run: `out_dir/ckpt-NNNNNNNN.pt`, NNNNNNNN being the optimi
                                          CPU, or one clear error: the tensors stay in the file's page cache, so the
                                          ranks of a node share one copy instead of each reading the whole checkpoint
                                          into its own memory
+    load_model(path, attn_impl) -> (model, ckpt)  the Transformer the checkpoint holds, in eval mode on the CPU, and
+                                         the rest of the checkpoint (step, tokens_seen, ...); one clear error
+                                         when this model.py cannot hold it
     rng_state(cuda), set_rng_state(rng, cuda)  this process's torch, CUDA, Python and numpy RNG states, and back
 
 A checkpoint holds only tensors, plain containers, numbers and strings, so it loads with weights_only=True.
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 import durable
+from model import ModelConfig, Transformer
 
 PATTERN = re.compile(r"ckpt-(\d{8})\.pt$")
 
@@ -89,6 +94,40 @@ def load(path):
             f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"Move it away to resume from the previous checkpoint in {os.path.dirname(path) or '.'}."
         ) from None
+
+
+def load_model(path, attn_impl):
+    """(Transformer with the checkpoint's weights in eval mode on the CPU, the checkpoint without its model and
+    optimizer entries), run with attn_impl (how attention runs is no part of the weights). A SystemExit naming the
+    file when the checkpoint's settings or weights do not fit this model.py."""
+    ckpt = load(path)
+    unknown = sorted(set(ckpt["model_config"]) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"checkpoint {path} has model settings this model.py does not know ({', '.join(unknown)}); "
+                         f"use the code that wrote it")
+    try:
+        model = Transformer(ModelConfig(**{**ckpt["model_config"], "attn_impl": attn_impl}))
+    except (ValueError, RuntimeError, ImportError) as e:  # e.g. attn_impl='flash_attention_2' with no GPU
+        raise SystemExit(f"cannot build the model of checkpoint {path}: {e}") from None
+    mismatch = weights_mismatch(model, ckpt["model"])
+    if mismatch:  # same settings, other parameters: model.py changed since the checkpoint
+        raise SystemExit(f"checkpoint {path} does not fit this model.py: {mismatch}; use the code that wrote it")
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+
+
+def weights_mismatch(model, state):
+    """Why the weights `state` do not load into model, in one line (the first few names of each kind), or ''."""
+    ours = model.state_dict()
+
+    def some(names):
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    reshaped = [f"{k} {list(state[k].shape)} (here {list(v.shape)})" for k, v in ours.items()
+                if k in state and state[k].shape != v.shape]
+    return "; ".join(f"{what} {some(names)}" for what, names in [("no weights for", missing),
+                     ("weights this model has no place for:", unexpected), ("other shapes:", reshaped)] if names)
 
 
 def rng_state(cuda):

@@ -62,21 +62,12 @@ def load_model(out_dir, ckpt_path):
     if not path or not os.path.exists(path):
         where = f"--ckpt_path={ckpt_path} does not exist" if ckpt_path else f"no checkpoint (ckpt-*.pt) in {out_dir}"
         raise ExportError(f"{where}; train first (python train.py ...) or point --out_dir/--ckpt_path at a run")
-    ckpt = checkpoint.load(path)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(ckpt["model_config"]) - fields)
-    if unknown:
-        raise ExportError(f"{path} has model settings this model.py does not know ({', '.join(unknown)}); export it "
-                          f"with the code that wrote it")
     # sdpa runs everywhere and keeps documents apart; the training backend (flex, flash) is no part of the weights
-    config = ModelConfig(**{**ckpt["model_config"], "attn_impl": "sdpa"})
-    model = Transformer(config)
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ExportError(f"{path} does not fit this model.py: {str(e).splitlines()[0]}; export it with the code "
-                          f"that wrote it") from None
-    return model.float().eval(), path, ckpt["step"]
+        model, ckpt = checkpoint.load_model(path, attn_impl="sdpa")
+    except SystemExit as e:
+        raise ExportError(str(e)) from None
+    return model.float(), path, ckpt["step"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 
 import checkpoint
 from configurator import configure
-from model import ModelConfig, Transformer, default_attn_impl
+from model import ATTN_IMPLS, default_attn_impl
 from tokenizer import TokenizerError, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -33,7 +33,8 @@ device = "auto"  # 'auto' | 'cuda' | 'cpu'
 attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) or a ModelConfig attn_impl
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-cfg = configure(defaults, sys.argv[1:], choices={"device": ("auto", "cuda", "cpu")})
+cfg = configure(defaults, sys.argv[1:],
+                choices={"device": ("auto", "cuda", "cpu"), "attn_impl": ("auto", *ATTN_IMPLS)})
 globals().update(cfg)
 
 if device == "auto":
@@ -61,12 +62,8 @@ try:  # before the checkpoint, which may be large: offline without tiktoken's ca
 except TokenizerError as e:
     sys.exit(f"sample.py: {e}")
 
-ckpt = checkpoint.load(path)
-model_config = ModelConfig(**{**ckpt["model_config"],
-                              "attn_impl": attn_impl if attn_impl != "auto" else default_attn_impl(device)})
-model = Transformer(model_config)
-model.load_state_dict(ckpt["model"])
-model.to(device).eval()
+model, ckpt = checkpoint.load_model(path, attn_impl if attn_impl != "auto" else default_attn_impl(device))
+model.to(device)
 print(f"{path}: step {ckpt['step']}, {ckpt['tokens_seen']:,} tokens seen", file=sys.stderr)
 del ckpt
 

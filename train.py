@@ -392,11 +392,11 @@ try:
 except (ImportError, RuntimeError) as e:  # an attention backend this machine cannot run; the message says why
     die(str(e))
 if ckpt or weights_ckpt:
-    try:  # the full weights, before any sharding; load_state_dict casts them to this run's param_dtype
-        model.load_state_dict((ckpt or weights_ckpt)["model"])
-    except RuntimeError as e:  # same config, different parameters: model.py changed since the checkpoint
-        die(f"checkpoint {ckpt_path} does not fit this model.py: {str(e).splitlines()[0]} "
-            f"(has model.py changed since?); use the code that wrote it, or --init_from=scratch")
+    mismatch = checkpoint.weights_mismatch(model, (ckpt or weights_ckpt)["model"])
+    if mismatch:  # same config, different parameters: model.py changed since the checkpoint
+        die(f"checkpoint {ckpt_path} does not fit this model.py: {mismatch} (has model.py changed since?); "
+            f"use the code that wrote it, or --init_from=scratch")
+    model.load_state_dict((ckpt or weights_ckpt)["model"])  # the full weights, before any sharding; cast to param_dtype
     del weights_ckpt
 model.to(device, dtype=getattr(torch, param_dtype))
 if compile:

@@ -412,6 +412,29 @@ def test_sample_errors(base2, prepared_data, tmp_path):
     assert "step 1" not in proc.stdout and not (tmp_path / "offline" / "log.jsonl").exists()
 
 
+def test_sample_and_export_name_a_checkpoint_this_model_py_cannot_hold(base2, prepared_data, tmp_path):
+    """sample.py and export.py load checkpoints through checkpoint.load_model: a setting or a weight this model.py
+    does not have, or a backend this machine cannot run, is one line naming the file (was a traceback in sample.py);
+    train.py names the weights too (its message said only "Error(s) in loading state_dict")."""
+    ckpt = torch.load(base2 / "ckpt-00000008.pt", weights_only=True)
+    unknown = {**ckpt, "model_config": {**ckpt["model_config"], "n_expert": 8}}
+    renamed = {**ckpt, "model": {k.replace("ffn.up", "ffn.upp"): v for k, v in ckpt["model"].items()}}
+    for name, bad, fragments in [("unknown", unknown, ["model settings this model.py does not know (n_expert)"]),
+                                 ("renamed", renamed, ["does not fit this model.py", "ffn.up"])]:
+        path = checkpoint.save(bad, str(tmp_path / name), 8, keep_last=1)
+        for script, args in [("sample.py", ["--device=cpu"]), ("export.py", [f"--to={tmp_path / 'hf'}"])]:
+            proc = run([f"--ckpt_path={path}", *args], script=script)
+            assert_one_clear_error(proc, str(path), *fragments)
+    # train.py resuming from it: the same one line
+    proc = run([f"--data_dir={prepared_data}", f"--out_dir={tmp_path / 'renamed'}", *BASE2, "--restore_data_state=False"])
+    assert_one_clear_error(proc, "does not fit this model.py", "no weights for layers.0.ffn.up.weight",
+                           "no place for: layers.0.ffn.upp.weight", "--init_from=scratch")
+    proc = run([f"--out_dir={base2}", "--device=cpu", "--attn_impl=flash_attention_2"], script="sample.py")
+    assert_one_clear_error(proc, "cannot build the model of checkpoint", "flash_attention_2", "CUDA")
+    proc = run([f"--out_dir={base2}", "--device=cpu", "--attn_impl=flash"], script="sample.py")
+    assert_one_clear_error(proc, "attn_impl", "flash_attention_2")
+
+
 def test_smoke_preset_saves_often_enough_to_show_resume():
     smoke = runpy.run_path(str(ROOT / "config" / "smoke.py"))
     steps = math.ceil(smoke["train_tokens"] / (smoke["batch_size"] * smoke["block_size"]))
