@@ -163,6 +163,26 @@ def state_bytes(optimizer):
                if isinstance(t, torch.Tensor))
 
 
+def settings_problem(lr, min_lr, lr_scale, betas):
+    """What is wrong with train.py's LR and betas, in one message naming the values, or '' when they are fine. lr and
+    min_lr are per sequence; lr_scale = sqrt(global batch in sequences) multiplies them."""
+    beta1, beta2 = betas
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):  # Adam's bias corrections divide by 1 - beta^step
+        return f"beta1={beta1:g}, beta2={beta2:g}: both must lie in [0, 1), e.g. --beta1=0.9 --beta2=0.95"
+    fp32_max = torch.finfo(torch.float32).max
+    for key, value in (("lr", lr), ("min_lr", min_lr)):
+        # An infinite LR turns every weight into inf or NaN at once; AdamW's first step computes lr / (1 - beta1) as
+        # an fp32 number, which must not overflow either.
+        scaled = value * lr_scale
+        if not (math.isfinite(scaled) and 0 <= scaled / (1 - beta1) <= fp32_max):
+            return (f"{key}={value:g} gives an LR of {value:g} x sqrt({lr_scale ** 2:g}) = {scaled:g}; it must be a "
+                    f"finite number >= 0, below float32's {fp32_max:.3g} x (1 - beta1) (lr is for a global batch of "
+                    f"one sequence, e.g. --{key}=1e-4)")
+    if min_lr > lr:
+        return f"min_lr={min_lr} is above lr={lr}; the cosine decays from lr down to min_lr"
+    return ""
+
+
 def make_optimizer(model, name, param_dtype, lr, betas, weight_decay, seed, device_type):
     """train.py's and bench.py's optimizer: weight decay on matrices only (model.configure_optimizer's groups).
     fp32 weights with 'adamw': torch.optim.AdamW (fused on CUDA); bf16 weights, or 'adafactor': the classes above."""

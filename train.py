@@ -171,15 +171,15 @@ if attn_impl == "auto":
 if attn_impl == "flash_attention_2" and (device == "cpu" or dtype != "bfloat16"):
     die(f"attn_impl='flash_attention_2' runs on CUDA in bf16 only (here device={device!r}, dtype={dtype!r}); "
         f"use --dtype=bfloat16 on a GPU, or --attn_impl=flex_attention (GPU) or sdpa")
-if min(batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval, save_interval) < 1:
-    die("batch_size, grad_accum, block_size, keep_last, eval_iters, log_interval and save_interval must be >= 1")
-if min(max_steps, train_tokens, warmup_tokens, eval_interval, sample_interval, grad_clip, step_cadence) < 0 or step_cadence == 0:
-    die("max_steps, train_tokens, warmup_tokens, eval_interval, sample_interval and grad_clip must be >= 0, "
-        "step_cadence > 0")
+for minimum, keys in ((1, ("batch_size", "grad_accum", "block_size", "keep_last", "eval_iters", "log_interval",
+                           "save_interval")),
+                      (0, ("max_steps", "train_tokens", "warmup_tokens", "eval_interval", "sample_interval", "grad_clip"))):
+    if any(cfg[k] < minimum for k in keys):
+        die(f"{', '.join(f'{k}={cfg[k]}' for k in keys if cfg[k] < minimum)}: {', '.join(keys)} must be >= {minimum}")
+if step_cadence <= 0:
+    die(f"step_cadence={step_cadence} must be > 0 (it multiplies the log, eval and save intervals)")
 if dist_timeout_s < 0 or save_timeout_s <= 0:
     die(f"dist_timeout_s={dist_timeout_s} must be >= 0 (0 = torch's default) and save_timeout_s={save_timeout_s} > 0")
-if min_lr > lr:
-    die(f"min_lr={min_lr} is above lr={lr}; the cosine decays from lr down to min_lr")
 try:
     checkpoint_every(activation_checkpointing)
 except ValueError as e:
@@ -210,10 +210,8 @@ except (TypeError, ValueError) as e:
 tokens_per_step = batch_size * block_size * grad_accum * world_size
 lr_scale = math.sqrt(batch_size * grad_accum * world_size)  # lr is for a global batch of one sequence
 peak_lr, final_lr = lr * lr_scale, min_lr * lr_scale
-for key, value, scaled in (("lr", lr, peak_lr), ("min_lr", min_lr, final_lr)):
-    if not (math.isfinite(scaled) and scaled >= 0):  # an infinite LR turns every weight into inf or NaN at once
-        die(f"{key}={value:g} gives an LR of {value:g} x sqrt({batch_size * grad_accum * world_size}) = {scaled:g}; "
-            f"it must be a finite number >= 0 (lr is for a global batch of one sequence, e.g. --{key}=1e-4)")
+if optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2)):
+    die(optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2)))
 if train_tokens == 0 and not (dry_run and not os.path.exists(os.path.join(data_dir, "meta.json"))):
     train_tokens = count_tokens(data_dir, "train")  # one epoch; a dry run without data leaves it unknown
 planned_steps = math.ceil(train_tokens / tokens_per_step)

@@ -291,8 +291,21 @@ def test_overflowed_weights_are_never_saved_and_infinite_lr_is_refused(prepared_
     # an LR that is infinite once scaled by sqrt(global batch) is refused before anything starts
     proc = train(tmp_path / "b", prepared_data, *args, "--lr=1e308", "--batch_size=8", "--max_steps=1", ok=False)
     assert_one_clear_error(proc, "lr=1e+308 gives an LR of 1e+308 x sqrt(8) = inf", "must be a finite number")
+    # finite in Python, but AdamW's fp32 step size lr / (1 - beta1) would overflow (was a traceback from torch)
+    proc = run(["--device=cpu", "--lr=1e300", "--dry_run=True"])
+    assert_one_clear_error(proc, "lr=1e+300 gives an LR of", "below float32's 3.4e+38 x (1 - beta1)")
+    proc = run(["--device=cpu", "--beta1=1", "--dry_run=True"])
+    assert_one_clear_error(proc, "beta1=1, beta2=0.95: both must lie in [0, 1)")
+    proc = run(["--device=cpu", "--lr=1e-4", "--min_lr=1e-3", "--dry_run=True"])
+    assert_one_clear_error(proc, "min_lr=0.001 is above lr=0.0001")
     proc = run(["--device=cpu", "--n_layer=0", "--dry_run=True"])
     assert_one_clear_error(proc, "bad model config: n_layer=0: model sizes must be >= 1")
+    proc = run(["--device=cpu", "--save_interval=0", "--keep_last=-1", "--dry_run=True"])  # the bad ones, named
+    assert_one_clear_error(proc, "keep_last=-1, save_interval=0: batch_size, ", "must be >= 1")
+    proc = run(["--device=cpu", "--grad_clip=-1", "--dry_run=True"])
+    assert_one_clear_error(proc, "grad_clip=-1.0: max_steps, ", "must be >= 0")
+    proc = run(["--device=cpu", "--step_cadence=0", "--dry_run=True"])
+    assert_one_clear_error(proc, "step_cadence=0.0 must be > 0")
 
 
 def test_two_identical_runs_store_identical_checkpoints(prepared_data, tmp_path):
