@@ -37,7 +37,8 @@ BENCH_DEFAULTS = {
     "steps": 5,          # timed steps (after warmup)
     "warmup": 2,         # untimed steps first: compilation, allocator warm-up
     "lean_loss": "on",   # 'on' (chunked head+loss, as train.py) | 'off' (full fp32 logits + F.cross_entropy) | 'all'
-    "doc_len": 800,      # mean document length of the synthetic packed batch (smollm documents: ~700-1000 tokens)
+    "doc_len": 800,      # mean document length of the synthetic packed batch (smollm documents: ~700-1000 tokens);
+    #                      0: one causal sequence per row, no documents (nanoGPT's setting)
     "batch": "synthetic",  # 'synthetic' (random tokens, documents of mean doc_len) | 'data' (train.py's first batch)
     "source": "",        # --what=prepare: a local dir laid out like the hub repo
     "json": False,       # print JSON lines instead of a table
@@ -95,12 +96,14 @@ def synthetic_batch(cfg, device):
     x = torch.randint(0, n_tokens, (B, T), generator=g)
     y = torch.randint(0, n_tokens, (B, T), generator=g)
     doc_ids = torch.zeros(B, T, dtype=torch.long)
-    for b in range(B):
+    for b in range(B if cfg["doc_len"] else 0):
         lengths = (-torch.rand(T, generator=g).log() * cfg["doc_len"]).long().clamp(min=1)  # exponential
         starts = lengths.cumsum(0)
         doc_ids[b] = torch.bucketize(torch.arange(T), starts[starts < T], right=True)
     cu_seqlens = torch.from_numpy(cu_seqlens_of(doc_ids.numpy()))
-    return x.to(device), y.to(device), doc_ids.to(device), cu_seqlens.to(device)
+    # doc_len 0: one sequence per row and no doc_ids, so every backend runs plain causal attention (sdpa its
+    # is_causal kernel), as nanoGPT does
+    return x.to(device), y.to(device), doc_ids.to(device) if cfg["doc_len"] else None, cu_seqlens.to(device)
 
 
 def data_batch(cfg, device):
@@ -372,9 +375,14 @@ def main():
     cfg = configure({**train_defaults(), **BENCH_DEFAULTS}, sys.argv[1:], choices=choices)
     try:
         checkpoint_every(cfg["activation_checkpointing"])
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    try:
         model_config(cfg, resolve_device_dtype(cfg)[0])
     except ValueError as e:
         raise SystemExit(f"bench.py: bad model config: {e}") from None
+    if cfg["doc_len"] < 0:
+        raise SystemExit(f"bench.py: doc_len={cfg['doc_len']} must be >= 0 (0: one causal sequence per row)")
     sweeps = {"attn_impl": [a for a in ATTN_IMPLS if available(a, cfg)] if cfg["attn_impl"] == "all" else None,
               "lean_loss": ["off", "on"] if cfg["lean_loss"] == "all" else None}
     if cfg["what"] == "train" and any(sweeps.values()):

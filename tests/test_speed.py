@@ -204,6 +204,21 @@ def test_bench_names_bad_configs_and_runs_small_vocabularies(prepared_data):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"] > 0
 
 
+def test_bench_doc_len_0_is_plain_causal_rows():
+    """--doc_len=0 (nanoGPT's setting): no doc_ids, so sdpa runs is_causal, and MFU counts half the scores."""
+    cfg = {"batch_size": 2, "block_size": 64, "vocab_size": 256, "doc_len": 0}
+    x, y, doc_ids, cu_seqlens = bench.synthetic_batch(cfg, "cpu")
+    assert doc_ids is None and cu_seqlens[:3].tolist() == [0, 64, 128] and set(cu_seqlens[2:].tolist()) == {128}
+    _, _, doc_ids, _ = bench.synthetic_batch({**cfg, "doc_len": 16}, "cpu")
+    assert doc_ids.max() > 0  # packed documents otherwise
+    proc = run("bench.py", *TINY, "--device=cpu", "--vocab_size=256", "--steps=1", "--warmup=0", "--json=True",
+               "--doc_len=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["attn_fraction"] == round(65 / 128, 4)
+    proc = run("bench.py", "--device=cpu", "--doc_len=-1")
+    assert proc.returncode != 0 and "doc_len=-1 must be >= 0" in proc.stdout + proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU only
 
