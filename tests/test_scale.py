@@ -149,6 +149,13 @@ def test_fsdp_resumes_exactly_and_its_checkpoints_load_under_ddp_and_one_rank(pr
         assert b[s]["loss"] == a[s]["loss"], f"step {s}: {b[s]['loss']} != {a[s]['loss']}"
         assert b[s]["param_checksum"] == a[s]["param_checksum"]  # each rank's shards, bit for bit
     assert a[6]["param_checksum"][0] != a[6]["param_checksum"][1]  # (the ranks hold different shards)
+    # compiled layers (compile_layers) inside FSDP2's per-Block wrapping, with every layer checkpointed: the losses
+    # of the eager run, up to the order inductor adds in
+    proc = train(tmp_path / "compiled", prepared_data, *FSDP, "--compile=True", "--max_steps=3", ranks=2, timeout=300)
+    assert "(fsdp over gloo), float32, compile=True" in proc.stdout
+    compiled = records(tmp_path / "compiled")
+    for s in range(1, 4):
+        assert compiled[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-4, abs=0), s
     # the FSDP checkpoint resumes under DDP (weights and optimizer state, same data positions): the same run
     train(tmp_path / "ddp", prepared_data, *FSDP, "--parallel=ddp", ranks=2, timeout=180)
     ddp = records(tmp_path / "ddp")
