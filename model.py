@@ -234,16 +234,6 @@ def eager_attention(q, k, v, mask):
     return scores.softmax(dim=-1).type_as(v) @ v
 
 
-def fused_linear(x, linears):
-    """(lin(x) for lin in linears) of bias-free nn.Linears that share their input, computed as one matmul against
-    their weights concatenated: q, k and v, or the GLU's gate and up. One launch and one read of x instead of two or
-    three, and backward's matmuls for d x become one (no adds between them). The weights stay separate parameters,
-    so checkpoints and exports keep their layout; the concatenation is one copy of the weights, which under autocast
-    fuses with the bf16 cast that happens anyway. The outputs are views of the one result."""
-    weight = torch.cat([lin.weight for lin in linears])
-    return F.linear(x, weight).split([lin.out_features for lin in linears], dim=-1)
-
-
 class KVCache:
     """Keys and values of every layer for generate(); pos = how many positions are filled."""
 
@@ -279,10 +269,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         B, T, _ = x.shape
-        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -328,8 +317,7 @@ class FeedForward(nn.Module):
         self.act = F.relu if cfg.family == "deepone" else F.silu
 
     def forward(self, x):
-        gate, up = fused_linear(x, (self.gate, self.up))
-        return self.down(self.act(gate) * up)
+        return self.down(self.act(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):

@@ -82,57 +82,6 @@ def run(script, *args, timeout=120):
                           timeout=timeout)
 
 
-class MatmulCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the matmul kernels torch dispatches (each one a launch on a GPU)."""
-    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.MATMULS
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("family", ["deepone", "llama"])
-def test_block_projections_share_one_matmul_each(family):
-    """q, k, v run as one matmul, and the GLU's gate and up as another (model.fused_linear): a Block is 4 matmuls
-    forward and 8 backward, not 7 and 14. The values and every weight's gradient equal separate nn.Linear calls,
-    and the parameters (so checkpoints and exports) keep their separate names."""
-    m = tiny("sdpa", family=family)
-    block = m.layers[0]
-    assert {"attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "ffn.gate.weight",
-            "ffn.up.weight"} <= set(block.state_dict())
-    x = torch.randn(2, 16, 64, requires_grad=True)
-    cos, sin = model_module.rope_tables(torch.arange(16), m.config.head_dim, m.config.rope_theta)
-    counter = MatmulCounter()
-    with counter:
-        out = block(x, cos, sin, None)
-    assert counter.count == 4
-    with counter:
-        out.square().sum().backward()
-    assert counter.count == 4 + 8
-
-    a, f = block.attn, block.ffn
-    separate = (a.q_proj, a.k_proj, a.v_proj)
-    for linears in (separate, (f.gate, f.up)):
-        for lin in linears:
-            lin.weight.grad = None
-        h = torch.randn(3, 5, 64)
-        fused = model_module.fused_linear(h, linears)
-        plain = [lin(h) for lin in linears]
-        for got, want in zip(fused, plain):
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        sum((o * (i + 1)).sum() for i, o in enumerate(fused)).backward()
-        fused_grads = [lin.weight.grad.clone() for lin in linears]
-        for lin in linears:
-            lin.weight.grad = None
-        sum((lin(h) * (i + 1)).sum() for i, lin in enumerate(linears)).backward()
-        for lin, got in zip(linears, fused_grads):
-            torch.testing.assert_close(got, lin.weight.grad, rtol=1e-6, atol=1e-5)
-
-
 def test_train_and_bench_count_the_same_flops_for_the_same_batch(prepared_data, tmp_path):
     """One train.py step and bench.py --batch=data (train.py's first batch) give the same attended fraction and
     FLOPs per token, from the real documents' lengths, and MFU = tokens/s x FLOPs per token / peak in both."""
