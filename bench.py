@@ -162,16 +162,21 @@ def make_step(cfg):
     return model, step, sync, batch
 
 
+def time_steps(step, sync, n):
+    """Seconds per step over n steps, the device synchronized before the clock stops."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
 def bench_train(cfg):
     device, _ = resolve_device_dtype(cfg)
     model, step, sync, (_, _, _, cu_seqlens) = make_step(cfg)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(cfg["steps"]):
-        step()
-    sync()
-    seconds = (time.perf_counter() - t0) / cfg["steps"]
+    seconds = time_steps(step, sync, cfg["steps"])
     tokens = cfg["batch_size"] * cfg["block_size"]
     # MFU counts only the attended part of the scores: sparse kernels (flex, flash) skip the rest
     frac = attended_fraction(cu_seqlens, cfg["batch_size"], cfg["block_size"])
@@ -212,11 +217,7 @@ def bench_profile(cfg):
     _, step, sync, _ = make_step(cfg)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(cfg["steps"]):
-            step()
-        sync()
-        wall_us = (time.perf_counter() - t0) * 1e6
+        wall_us = time_steps(step, sync, cfg["steps"]) * cfg["steps"] * 1e6
     times, by_name, spans, launches = {}, {}, [], 0
     events = prof.events()
     # On CUDA the timed items are the kernels (and copies); each is linked to the CPU op that launched it
