@@ -1,7 +1,7 @@
 # DeepOne at about 1.7B parameters (1.67B: 24 layers of d_model 2048, 16 heads of dim 128, untied 50k head), set to
 # train under DDP on GPUs of 24 GB: bf16 weights with optim.py's stochastic-rounding AdamW (8 bytes a parameter
 # instead of 16) and every layer's activations recomputed in backward. Predicted peak per GPU (bench.py
-# --what=memory, see README "Memory"): 16.1 GB at 2 x 4096 tokens; not measured on a GPU yet.
+# --what=memory, see README "Memory"): 15.7 GB at 2 x 4096 tokens with compile; not measured on a GPU yet.
 #   torchrun --standalone --nproc_per_node=8 train.py config/deepone_1b7.py
 #   python bench.py config/deepone_1b7.py --what=memory --gpu_gb=24
 # With more GPU memory, param_dtype='float32' keeps fp32 master weights (16 bytes a parameter: 27 GB of state), or
