@@ -238,7 +238,7 @@ def test_bench_memory_on_smoke():
     assert "bench.py: activation_checkpointing=0: use 'none', 'all' or an int k >= 1" in proc.stderr
 
 
-def test_compiled_blocks_are_predicted_from_what_their_graphs_save():
+def test_compiled_blocks_are_predicted_from_what_their_graphs_save(monkeypatch, capsys):
     """With compile=True (train.py's default) memory.py measures the compiled Block: inductor's graph saves fewer
     bytes per token than eager autograd (the H100 peaks measured with compile were 1-11% below the compiled
     predictions, 35-66% below the eager ones). The fixed part (the bf16 copies of the weights) and the head + loss,
@@ -251,6 +251,13 @@ def test_compiled_blocks_are_predicted_from_what_their_graphs_save():
     fixed, per_token, x_bytes, head_fixed, head_per_token = compiled
     assert 0 < per_token < 0.85 * eager[1], (compiled, eager)
     assert (fixed, x_bytes, head_fixed, head_per_token) == (eager[0], eager[2], eager[3], eager[4])
+    # a machine where inductor cannot build CPU code (no C++ compiler): the eager figures, said on stderr
+    with monkeypatch.context() as patch:
+        patch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
+        patch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cached graph would need no compiler
+        assert memory.activation_bytes({**cfg, "d_model": 48, "compile": True}, "bfloat16") == \
+            memory.activation_bytes({**cfg, "d_model": 48}, "bfloat16")
+    assert "cannot compile the Block on this machine's CPU" in capsys.readouterr().err
 
 
 def test_1b7_preset_is_about_1_7b_and_predicted_to_fit_24_gb_under_ddp():
