@@ -109,9 +109,10 @@ def synthetic_batch(cfg, device):
 def data_batch(cfg, device):
     """The first batch train.py reads from data_dir on rank 0 of one (same loader, same seed): real documents."""
     from data import PackedLoader, read_meta
-    if read_meta(cfg["data_dir"])["vocab_size"] > cfg["vocab_size"]:
-        raise SystemExit(f"bench.py: vocab_size={cfg['vocab_size']} is below the "
-                         f"{read_meta(cfg['data_dir'])['vocab_size']} tokens of the data's tokenizer")
+    data_vocab = read_meta(cfg["data_dir"])["vocab_size"]
+    if data_vocab > cfg["vocab_size"]:
+        raise SystemExit(f"bench.py: vocab_size={cfg['vocab_size']} is below the {data_vocab} tokens of the data's "
+                         f"tokenizer")
     loader = PackedLoader(cfg["data_dir"], "train", cfg["block_size"], cfg["batch_size"], seed=cfg["seed"])
     return tuple(t.to(device) for t in loader.next_batch())
 
@@ -125,9 +126,8 @@ def attended_fraction(cu_seqlens, B, T):
 def model_config(cfg, device):
     """The ModelConfig of cfg's model keys (a ValueError naming a bad size or combination), attn_impl 'auto' resolved
     for the device."""
-    fields = {f: cfg[f] for f in ModelConfig.__dataclass_fields__ if f in cfg}
-    fields["attn_impl"] = cfg["attn_impl"] if cfg["attn_impl"] not in ("auto", "all") else default_attn_impl(device)
-    return ModelConfig(**fields)
+    attn_impl = cfg["attn_impl"] if cfg["attn_impl"] not in ("auto", "all") else default_attn_impl(device)
+    return ModelConfig.from_dict(cfg, attn_impl=attn_impl)
 
 
 def make_step(cfg):

@@ -77,8 +77,7 @@ def saved_bytes(fn, exclude=()):
 
 def activation_bytes(cfg, dtype):
     """(block_fixed, block_per_token, block_input_per_token, head_fixed, head_per_token) in bytes, measured."""
-    fields = {f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name in cfg}
-    full = ModelConfig(**{**fields, "attn_impl": "sdpa", "vocab_size": 1024})  # the head's V x d part scales below
+    full = ModelConfig.from_dict(cfg, attn_impl="sdpa", vocab_size=1024)  # the head's V x d part scales below
     torch.manual_seed(0)
     model = Transformer(dataclasses.replace(full, n_layer=1)).to(dtype=getattr(torch, cfg["param_dtype"]))
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16")
@@ -123,9 +122,8 @@ def activation_bytes(cfg, dtype):
 
 def predict(cfg, ranks):
     """Per-rank bytes of each part and the predicted peak, as a dict of GB figures."""
-    fields = {f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name in cfg}
     with torch.device("meta"):
-        big = Transformer(ModelConfig(**{**fields, "attn_impl": "sdpa"}))
+        big = Transformer(ModelConfig.from_dict(cfg, attn_impl="sdpa"))
     n_params = big.num_params()
     largest = max(p.numel() for p in big.parameters())
     block_params = sum(p.numel() for p in big.layers[0].parameters())

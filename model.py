@@ -85,6 +85,12 @@ class ModelConfig:
     def head_dim(self):
         return self.d_model // self.n_head
 
+    @classmethod
+    def from_dict(cls, cfg, **overrides):
+        """The ModelConfig of the model keys in cfg (a train.py-style config dict with other keys too), with
+        overrides: how train.py, bench.py and memory.py build one."""
+        return cls(**{**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__}, **overrides})
+
 
 def deepnet_constants(n_layer):
     """DeepNet (arXiv 2203.00555) Table 1, decoder-only column; N = number of layers.

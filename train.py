@@ -202,7 +202,7 @@ if wandb_log and master:
         die("wandb_log=True but wandb is not installed: pip install wandb, or drop --wandb_log=True")
 
 try:
-    model_config = ModelConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig)} | {"attn_impl": attn_impl})
+    model_config = ModelConfig.from_dict(cfg, attn_impl=attn_impl)
 except (TypeError, ValueError) as e:
     die(f"bad model config: {e}")
 
@@ -210,8 +210,8 @@ except (TypeError, ValueError) as e:
 tokens_per_step = batch_size * block_size * grad_accum * world_size
 lr_scale = math.sqrt(batch_size * grad_accum * world_size)  # lr is for a global batch of one sequence
 peak_lr, final_lr = lr * lr_scale, min_lr * lr_scale
-if optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2)):
-    die(optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2)))
+if problem := optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2)):
+    die(problem)
 if train_tokens == 0 and not (dry_run and not os.path.exists(os.path.join(data_dir, "meta.json"))):
     train_tokens = count_tokens(data_dir, "train")  # one epoch; a dry run without data leaves it unknown
 planned_steps = math.ceil(train_tokens / tokens_per_step)

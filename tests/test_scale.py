@@ -266,9 +266,8 @@ def test_1b7_preset_is_about_1_7b_and_predicted_to_fit_24_gb_under_ddp():
     import bench
     import memory
     cfg = {**bench.train_defaults(), **runpy.run_path(str(ROOT / "config" / "deepone_1b7.py"))}
-    fields = {k: cfg[k] for k in ModelConfig.__dataclass_fields__ if k in cfg}
     with torch.device("meta"):
-        model = Transformer(ModelConfig(**{**fields, "attn_impl": "sdpa"}))
+        model = Transformer(ModelConfig.from_dict(cfg, attn_impl="sdpa"))
     assert cfg["family"] == "deepone" and model.config.head_dim in (64, 128)
     assert 1.6e9 <= model.num_params() <= 1.8e9
     prediction = memory.predict({**cfg, "dtype": "bfloat16"}, ranks=1)
