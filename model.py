@@ -21,6 +21,7 @@ per forward, outside compiled code, and handed to every layer. With targets the 
 chunked head + cross-entropy that never holds fp32 logits for the whole batch. Presets live in config/*.py.
 """
 import importlib
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -221,10 +222,22 @@ def varlen_kernel():
                           f"--no-build-isolation) or torch >= 2.10 (torch.nn.attention.varlen; this is torch "
                           f"{torch.__version__}); or use attn_impl='flex_attention' or 'sdpa'") from e
 
-    def torch_varlen_kernel(q, k, v, cu_seqlens, max_len):  # torch's Flash Attention 2 kernels; (-1, 0) = causal
+    # The keywords changed between releases: torch 2.10 takes is_causal=; 2.11 replaced it by window_size= (a
+    # (left, right) band, (-1, 0) = causal); enable_gqa= arrived in 2.12. Read them from the signature once.
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    native_gqa = "enable_gqa" in params
+
+    def torch_varlen_kernel(q, k, v, cu_seqlens, max_len):  # torch's Flash Attention 2 kernels
         _check_half(q)
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(-1, 0),
-                           enable_gqa=q.size(1) != k.size(1))
+        gqa = {}
+        if q.size(1) != k.size(1):
+            if native_gqa:
+                gqa = {"enable_gqa": True}
+            else:  # older releases want as many k/v heads as query heads
+                rep = q.size(1) // k.size(1)
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal, **gqa)
     return torch_varlen_kernel
 
 

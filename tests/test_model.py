@@ -376,6 +376,53 @@ def test_flash_attention_2_without_cuda_is_a_clear_error():
         tiny(attn_impl="flash_attention_2")
 
 
+def _varlen_reference(q, k, v, cu_seq, causal, gqa):
+    """Document-causal attention over [N, heads, hd] segments, computed with SDPA on the CPU."""
+    if k.size(1) != q.size(1) and not gqa:
+        raise RuntimeError("varlen_attn: k/v have fewer heads than q")  # as the releases without enable_gqa
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = torch.empty_like(q)
+    for a, b in zip(cu_seq[:-1].tolist(), cu_seq[1:].tolist()):
+        if b > a:
+            seg = [t[a:b].transpose(0, 1).float() for t in (q, k, v)]
+            out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=causal).transpose(0, 1).to(q.dtype)
+    return out
+
+
+# Stand-ins with the keyword-only parameters of each published torch.nn.attention.varlen.varlen_attn: an unknown
+# keyword is a TypeError, as with the real function.
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+    return _varlen_reference(query, key, value, cu_seq_q, is_causal, gqa=False)
+
+
+def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+    assert tuple(window_size) in ((-1, -1), (-1, 0))
+    return _varlen_reference(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), gqa=False)
+
+
+def varlen_attn_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False):
+    assert tuple(window_size) in ((-1, -1), (-1, 0))
+    return _varlen_reference(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), gqa=enable_gqa)
+
+
+@pytest.mark.parametrize("stand_in", [varlen_attn_2_10, varlen_attn_2_11, varlen_attn_2_12])
+def test_flash_attention_2_calls_each_published_varlen_signature(monkeypatch, stand_in):
+    """Without flash-attn, flash_attention_2 runs torch's varlen_attn, whose keywords differ by release: each
+    release's signature gets a call it accepts, with GQA (4 query : 2 kv heads), and sdpa's losses."""
+    import torch.nn.attention.varlen as varlen
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the kernel is chosen for a GPU
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError
+    monkeypatch.setattr(varlen, "varlen_attn", stand_in)
+    idx, doc = packed()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel takes bf16 only
+        _, ref = tiny("llama", "sdpa")(idx, idx, doc_ids=doc)
+        _, loss = tiny("llama", "flash_attention_2")(idx, idx, doc_ids=doc)
+    assert torch.allclose(loss, ref, rtol=2e-3), (loss, ref)
+
+
 def test_compile_layers_no_recompiles_across_batches():
     """compile_layers: same losses as eager, unprefixed state_dict, no graph breaks, and new doc_ids in later
     steps reuse the compiled graphs (a recompile raises)."""
