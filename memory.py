@@ -145,7 +145,9 @@ def predict(cfg, ranks):
                    + head_fixed + head_per_token * tokens
                    + 2 * min(cfg["loss_chunk_size"], tokens) * cfg["vocab_size"] * 4)  # fp32 logits chunk + matmul
     compute_bytes = 2 if dtype == "bfloat16" else 4
-    gathered = ((2 * block_params + root_params) * (compute_bytes + 4)) if fsdp else 0  # weights + fp32 grads
+    stored_bytes = 4 if cfg["param_dtype"] == "float32" else 2
+    # weights + fp32 grads: the Blocks gathered in the compute dtype, the root (embedding, head) in its stored dtype
+    gathered = (2 * block_params * (compute_bytes + 4) + root_params * (stored_bytes + 4)) if fsdp else 0
     step_temp = 5 * 4 * min(largest / shards, optim.CHUNK) if (cfg["param_dtype"] == "bfloat16"
                                                               or cfg["optimizer"] == "adafactor") else 0
     persistent = sum(state.values())

@@ -2,8 +2,9 @@
 Data parallelism for train.py under torchrun: DDP (every rank holds the whole model) or FSDP2 (`fully_shard`: weights,
 gradients and optimizer state sharded over the ranks, each Block gathered just for its forward and backward).
 
-    ddp_model = wrap(model, "fsdp", device_type, world_size, grad_accum, compute_dtype="bfloat16")
-    set_gradient_sync(ddp_model, "fsdp", sync=False)    # a micro-step that only accumulates (grad_accum > 1)
+    ddp_model = wrap(model, "fsdp", device_type, local_rank, world_size, grad_accum, compute_dtype="bfloat16")
+    with set_gradient_sync(ddp_model, "fsdp", sync=False):  # a micro-step that only accumulates (grad_accum > 1)
+        ddp_model(x, y)[1].backward()
     model_sd, opt_sd = full_state_dict(model, opt, "fsdp")           # every rank calls; rank 0 gets the tensors
     load_optimizer_state(model, opt, opt_sd, "fsdp")
 
@@ -30,23 +31,25 @@ def wrap(model, parallel, device_type, local_rank, world_size, grad_accum, compu
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device_type, (world_size,))
-    # bf16 compute: weights gathered in bf16, gradients reduced in fp32 (a sum over many ranks in bf16 loses bits)
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if compute_dtype == "bfloat16" else MixedPrecisionPolicy())
+    # bf16 compute, as DDP's autocast computes: each Block's weights are gathered in bf16 (the matmuls' inputs that
+    # autocast would make) and its gradients reduced in fp32 (a sum over many ranks in bf16 loses bits). The Blocks'
+    # inputs are not cast (cast_forward_inputs=False), and the root (embedding, final norm, head) is gathered in its
+    # stored dtype: so the residual stream and the RoPE tables stay fp32 between Blocks, as under DDP.
+    block_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                         cast_forward_inputs=False)
+                    if compute_dtype == "bfloat16" else MixedPrecisionPolicy())
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=block_policy)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     return model
 
 
 def set_gradient_sync(wrapped, parallel, sync):
-    """A context for one micro-step: DDP's no_sync() when not syncing; FSDP2 takes a flag instead (its no_sync
-    equivalent, which also skips the reduce-scatter)."""
+    """A context for one micro-step: DDP's no_sync() when not syncing. FSDP2 reduce-scatters every micro-step
+    whatever sync says: its no_sync equivalent (set_requires_gradient_sync(False)) keeps each rank's whole unsharded
+    gradients until the last micro-step, world_size times the sharded ones, which undoes what FSDP saves."""
     from contextlib import nullcontext
-    if parallel == "fsdp":
-        wrapped.set_requires_gradient_sync(sync)
-        return nullcontext()
-    return nullcontext() if sync else wrapped.no_sync()
+    return nullcontext() if sync or parallel == "fsdp" else wrapped.no_sync()
 
 
 def local(t):

@@ -622,8 +622,12 @@ def agree_to_stop():
 def weights_finite():
     """Whether every weight is finite, as a device tensor (no sync): one fused max|w| per parameter (NaN if the
     parameter holds a NaN), then one isfinite over those. The loss and gradient norm are from before opt.step(), so
-    only this sees an update that overflowed the weights. Under FSDP each rank checks its own shards."""
-    return torch.stack(torch._foreach_norm([local(p) for p in model.parameters()], float("inf"))).isfinite().all()
+    only this sees an update that overflowed the weights. Under FSDP each rank checks its own shards, which are
+    empty where a parameter has fewer rows than there are ranks (the max of nothing is an error, and nothing to check)."""
+    shards = [local(p) for p in model.parameters() if local(p).numel()]
+    if not shards:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack(torch._foreach_norm(shards, float("inf"))).isfinite().all()
 
 
 def check_health(loss, first_bad_step, check_weights):
