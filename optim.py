@@ -157,6 +157,33 @@ class Adafactor(_SyncFreeOptimizer):
         self._write(w, w32, gen)
 
 
+def group_settings(optimizer):
+    """Each param group's hyperparameters (everything but the parameters), as this run built them."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def restore_group_settings(optimizer, settings):
+    """After loading a checkpoint's optimizer state, which brings the writing run's hyperparameters with it: give
+    every group this run's `settings` again (weight decay, betas, eps, fused; lr is set each step anyway) and keep
+    each step counter where this optimizer reads it: on the parameter's device for torch's fused or capturable
+    kernels, on the CPU otherwise (torch's load moves it to the device whenever the WRITER was fused, and a
+    device step makes every int(step) in the classes above a host-device sync). Returns what changed, as text."""
+    changes = []
+    for group, wanted in zip(optimizer.param_groups, settings):
+        for key in sorted(set(group) | set(wanted)):
+            if key not in ("params", "lr", "initial_lr") and group.get(key) != wanted.get(key):
+                changes.append(f"{key}: checkpoint {group.get(key)!r}, this run {wanted.get(key)!r}")
+        params = group["params"]
+        group.clear()
+        group.update(wanted, params=params)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in params:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(dtype=torch.float32, device=p.device if on_device else "cpu")
+    return list(dict.fromkeys(changes))  # one line per setting, not per group
+
+
 def state_bytes(optimizer):
     """Bytes of every tensor in this rank's optimizer state (its shards only, under FSDP; step counters included)."""
     return sum(_local(t).numel() * t.element_size() for s in optimizer.state.values() for t in s.values()

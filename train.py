@@ -404,7 +404,10 @@ ddp_model = parallel_wrap(model, parallel, device_type, local_rank, world_size, 
 opt = optim.make_optimizer(model, optimizer, param_dtype, peak_lr, (beta1, beta2), weight_decay, seed,
                            device_type)  # after FSDP's sharding: it steps the shards
 if ckpt:
+    run_settings = optim.group_settings(opt)
     load_optimizer_state(model, opt, ckpt["optimizer"], parallel if ddp else "ddp")
+    for change in optim.restore_group_settings(opt, run_settings):  # the state is the checkpoint's, the settings ours
+        print0(f"resume: optimizer {change} (this run's value applies)")
 
 # -----------------------------------------------------------------------------
 # what a checkpoint carries besides weights and optimizer: the step, the tokens seen (the LR schedule's position),

@@ -1,5 +1,6 @@
 """Scale features: activation checkpointing, bf16 weights with optim.py's sync-free optimizers, FSDP2, cross-mode
 checkpoints, and bench.py --what=memory. CPU only: tiny models, fp32 where results must be exact, 2 gloo ranks."""
+import copy
 import json
 import subprocess
 import sys
@@ -65,6 +66,59 @@ def test_adamw_equals_torch_adamw_in_fp32():
     again = optim.AdamW([{"params": [p.clone() for p in start[:1]]}, {"params": [start[1].clone()]}], **kw)
     again.load_state_dict(reference.state_dict())
     assert int(again.state[again.param_groups[0]["params"][0]]["step"]) == 6
+
+
+def test_resumed_optimizer_keeps_this_runs_settings_and_its_step_counters_where_it_reads_them():
+    """A checkpoint of torch's fused AdamW loaded into optim.AdamW (a resume with bf16 weights) and the reverse:
+    the groups get this run's settings back (torch's load keeps the writer's: fused=True in optim.AdamW, fused
+    dropped from torch's), step counters stay on the CPU for optim.py (torch's load moves them to the device when the
+    writer was fused), and both continue the run: torch's fused step after ours equals two fused steps."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(32, 16), [torch.randn(32, 16) for _ in range(2)]
+
+    def adamw(cls, w, **kw):
+        return cls([{"params": [w], "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95), **kw)
+    fused_w = start.clone().requires_grad_()
+    fused = adamw(torch.optim.AdamW, fused_w, fused=True)
+    fused_w.grad = grads[0].clone()
+    fused.step()
+    ours_w = start.clone().requires_grad_()
+    ours = adamw(optim.AdamW, ours_w)
+    settings = optim.group_settings(ours)
+    ours.load_state_dict(copy.deepcopy(fused.state_dict()))  # a checkpoint is a copy; state_dict() shares tensors
+    changes = optim.restore_group_settings(ours, settings)
+    assert "fused: checkpoint True, this run None" in changes and not any(c.startswith("lr") for c in changes)
+    assert "fused" not in ours.param_groups[0] and ours.param_groups[0]["weight_decay"] == 0.1
+    assert ours.state[ours_w]["step"].device.type == "cpu"
+    # the reverse: optim.AdamW's state into torch's fused AdamW, which then steps on it
+    with torch.no_grad():
+        ours_w.copy_(fused_w)
+    again_w = ours_w.detach().clone().requires_grad_()
+    again = adamw(torch.optim.AdamW, again_w, fused=True)
+    settings = optim.group_settings(again)
+    again.load_state_dict(copy.deepcopy(ours.state_dict()))
+    assert optim.restore_group_settings(again, settings) == ["fused: checkpoint None, this run True"]
+    assert again.param_groups[0]["fused"] is True and again.state[again_w]["step"].dtype == torch.float32
+    for w, opt in ((fused_w, fused), (again_w, again)):
+        w.grad = grads[1].clone()
+        opt.step()
+    torch.testing.assert_close(again_w, fused_w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's load moves the step to the GPU only on a GPU")
+def test_fused_checkpoint_into_bf16_adamw_keeps_the_step_on_the_cpu_on_a_gpu():
+    w = torch.randn(8, 4, device="cuda", requires_grad=True)
+    fused = torch.optim.AdamW([w], lr=1e-2, fused=True)
+    w.grad = torch.randn_like(w)
+    fused.step()
+    assert fused.state[w]["step"].is_cuda
+    ours_w = w.detach().bfloat16().requires_grad_()
+    ours = optim.AdamW([ours_w], lr=1e-2)
+    settings = optim.group_settings(ours)
+    ours.load_state_dict(copy.deepcopy(fused.state_dict()))
+    assert ours.state[ours_w]["step"].is_cuda  # torch's own load: int(step) would sync every parameter, every step
+    optim.restore_group_settings(ours, settings)
+    assert ours.state[ours_w]["step"].device.type == "cpu" and ours.state[ours_w]["exp_avg"].is_cuda
 
 
 def test_stochastic_rounding_is_unbiased():

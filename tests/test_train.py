@@ -160,6 +160,18 @@ def test_exact_resume_with_one_rank(prepared_data, tmp_path):
     assert sorted(records(tmp_path / "b", "val_loss/cosmopedia-v2")) == [6]
     proc = train(tmp_path / "b", prepared_data, *args)
     assert "schedule is complete" in proc.stdout
+    # a resume with other optimizer settings trains with them (the checkpoint brings its own), and says so
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    for name in os.listdir(tmp_path / "c"):
+        if name.startswith("ckpt-") and name != "ckpt-00000002.pt":
+            os.remove(tmp_path / "c" / name)
+    proc = train(tmp_path / "c", prepared_data, *args, "--weight_decay=0.0", "--beta2=0.99")
+    assert "resume: optimizer weight_decay: checkpoint 0.1, this run 0.0 (this run's value applies)" in proc.stdout
+    assert "resume: optimizer betas: checkpoint (0.9, 0.95), this run (0.9, 0.99)" in proc.stdout
+    groups = checkpoint.load(checkpoint.latest(str(tmp_path / "c")))["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.0, (0.9, 0.99))] * 2
+    c = records(tmp_path / "c")
+    assert c[2]["loss"] == a[2]["loss"] and c[6]["loss"] != a[6]["loss"]
 
 
 def worker_pids(torchrun_pid):
