@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import memory
 import optim
 from configurator import configure
 from data import cu_seqlens_of
@@ -187,7 +188,7 @@ def bench_train(cfg):
             "params_M": round(model.num_params() / 1e6, 2), "batch": f"{cfg['batch_size']}x{cfg['block_size']}",
             "step_ms": round(seconds * 1e3, 1), "tokens_per_s": round(tokens / seconds),
             "tflops": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
-            "peak_mem_GB": round(peak_memory_bytes(device) / 2**30, 2), "attn_fraction": round(frac, 4),
+            "peak_mem_GB": round(memory.peak_memory_gib(device), 2), "attn_fraction": round(frac, 4),
             "flops_per_token": round(flops_per_token)}
 
 
@@ -277,13 +278,6 @@ def print_profile(record):
         print(f"{row['ms_per_step']:>9} {row['pct']:>5}  {row['category']:<17} {row['name']}")
 
 
-def peak_memory_bytes(device):
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (Linux reports KiB)
-
-
 def bench_loader(cfg):
     from data import PackedLoader
     device, _ = resolve_device_dtype(cfg)
@@ -351,7 +345,6 @@ def header(cfg):
 def bench_memory(cfg):
     """Predicted per-rank peak memory of a train step (memory.py) against gpu_gb; on CUDA also the measured peak of
     real steps at this config (one rank: the FSDP figures of more ranks are predicted only)."""
-    import memory
     device, _ = resolve_device_dtype(cfg)
     # the prediction is for a GPU: dtype 'auto' means bf16 there, whatever this machine's default
     dtype = cfg["dtype"] if cfg["dtype"] != "auto" else "bfloat16"

@@ -113,6 +113,13 @@ def segment_capacity(batch_size, block_size, n_segments):
     return capacity
 
 
+def to_device(t, device):
+    """A host tensor on device: on CUDA through pinned memory with a non_blocking copy, so the host does not wait
+    for the GPU (a copy from pageable memory is a stream sync); elsewhere as it is."""
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def cu_seqlens_of(doc_ids):
     """int32 numpy [segment_capacity + 1]: segment start offsets of doc_ids (numpy [B, T], segments numbered
     0, 1, 2, ... per row) in the flattened batch, then B * T for the end and for every empty padding slot."""
@@ -238,9 +245,7 @@ class PackedLoader:
         cu_seqlens = torch.from_numpy(cu_seqlens_of(segments[:, :-1]))
         x, y, doc_ids = (torch.from_numpy(a) for a in (rows[:, :-1], rows[:, 1:], segments[:, :-1]))
         batch = (x.contiguous(), y.contiguous(), doc_ids.contiguous(), cu_seqlens)
-        if self.device is not None and self.device.type == "cuda":
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
-        return batch
+        return batch if self.device is None else tuple(to_device(t, self.device) for t in batch)
 
     def refuse_token_ids(self, rows, pieces):
         """Stop with the shard, document and id of the first token id outside the tokenizer's vocabulary (bytes of

@@ -30,6 +30,15 @@ from model import ModelConfig, Transformer, checkpoint_every, rope_tables
 GiB = 2**30
 
 
+def peak_memory_gib(device_type):
+    """This process's peak memory so far in GiB: the CUDA caching allocator's peak allocation on a GPU (what
+    predict() predicts), the process's peak RSS elsewhere. train.py logs it and bench.py reports it."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / GiB
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux reports KiB
+
+
 def state_bytes(model, opt):
     """Bytes of weights, gradients and optimizer state of this rank, counted from the tensors (a tied weight once;
     DTensors by their local shard)."""

@@ -14,7 +14,8 @@ Configuration: the defaults below, then the config files and --key=value overrid
 (configurator.py). Reads data_dir (written by prepare.py). Writes out_dir/ckpt-NNNNNNNN.pt (the newest keep_last of
 them; see checkpoint.py) and out_dir/log.jsonl, one JSON object a line: training records {"step", "loss" (mean over
 ranks and micro-steps), "lr", "grad_norm", "tokens_per_sec", "mfu", ...}, validation records {"step", "tokens",
-"val_loss/<subset>"}, with sample_interval text samples {"step", "samples": [{"prompt", "greedy", "sampled"}]}. A resume
+"val_loss/<subset>"}, with sample_interval text samples {"step", "samples": [{"prompt", "greedy", "sampled"}]}, and at
+each launch {"step", "run": {"device", "backend", "parallel", "dtype", "attn_impl", ...}}, the resolved settings. A resume
 drops the records of steps after its checkpoint, so the file reads as one run. plot.py draws the curves.
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) on any rank makes every rank finish its step, save a checkpoint and exit 0; run
@@ -33,7 +34,6 @@ import json
 import math
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -47,7 +47,8 @@ import torch.nn.functional as F
 import checkpoint
 import optim
 from configurator import configure
-from data import PackedLoader, count_tokens, read_meta
+from data import PackedLoader, count_tokens, read_meta, to_device
+from memory import peak_memory_gib
 from model import (ModelConfig, Transformer, attended_pairs, checkpoint_every, default_attn_impl, default_dtype,
                    gpu_peak_tflops)
 from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
@@ -365,8 +366,9 @@ def next_batch(loaders):
     if ddp:
         dist.broadcast(length, src=0, group=cpu_group)
     length = int(length)
-    chunks = [torch.cat([*(t.flatten() for t in b[:3]), F.pad(b[3].long(), (0, length - b[3].numel()), value=n_tokens)])
-              .to(device) for b in batches] if master else None
+    chunks = [to_device(torch.cat([*(t.flatten() for t in b[:3]),
+                                   F.pad(b[3].long(), (0, length - b[3].numel()), value=n_tokens)]), device)
+              for b in batches] if master else None
     flat = torch.empty(3 * n_tokens + length, dtype=torch.long, device=device)
     if ddp:
         dist.scatter(flat, chunks, src=0)
@@ -549,12 +551,6 @@ def device_peak_flops():
     return tflops * 1e12, f"{name}: {tflops} TFLOP/s dense bf16 peak"
 
 
-def peak_memory_gb():
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kilobytes of peak RSS
-
-
 def checksum(tensors):
     h = hashlib.sha1()
     for t in tensors:
@@ -566,7 +562,7 @@ def log_record(record):
     """Append one JSON object to out_dir/log.jsonl (and wandb, numbers only); rank 0 only."""
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
-    if wandb_log and "samples" not in record:
+    if wandb_log and "samples" not in record and "run" not in record:  # wandb.init has the config
         wandb.log(record, step=record["step"])
 
 
@@ -654,17 +650,24 @@ if max_steps and step >= max_steps:
 if tokens_seen >= train_tokens:
     print0(f"the schedule is complete ({tokens_seen:,} of {train_tokens:,} tokens); nothing to do")
 peak_flops, peak_note = device_peak_flops()
+stop_step = min(planned_steps, max_steps) if max_steps else planned_steps
 if master:
     print(describe_plan(model.num_params()))
     print(f"MFU: {peak_note}")
     start_log(step)
+    # what this launch resolved the 'auto' settings to, for whoever reads the log (and tests) later
+    log_record({"step": step, "run": {
+        "world_size": world_size, "device": device, "parallel": parallel if ddp else None,
+        "backend": backend if ddp else None, "dtype": dtype, "param_dtype": param_dtype, "attn_impl": attn_impl,
+        "compile": compile, "compile_mode": compile_mode if compile else None,
+        "activation_checkpointing": activation_checkpointing, "n_params": model.num_params(),
+        "tokens_per_step": tokens_per_step, "peak_lr": peak_lr, "stop_step": stop_step}})
     if wandb_log:
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=cfg)
 val_batches = [count_val_batches() if master else None]
 if ddp:
     dist.broadcast_object_list(val_batches, src=0)  # with dispatch_batches only rank 0 need read the data
 val_batches = val_batches[0]
-stop_step = min(planned_steps, max_steps) if max_steps else planned_steps
 run_start = time.time()
 steps_this_run, epoch_seen = 0, None
 interval_steps, interval_start = 0, time.time()  # for tokens/s and MFU: training time only, not eval or checkpoints
@@ -717,7 +720,7 @@ while step < stop_step and tokens_seen < train_tokens:
             eta = elapsed / steps_this_run * (stop_step - step)
             record = {"step": step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
                       "tokens_per_sec": tokens_per_sec, "mfu": mfu, "attn_fraction": attn_fraction,
-                      "flops_per_token": flops_per_token, "peak_mem_gb": peak_memory_gb(),
+                      "flops_per_token": flops_per_token, "peak_mem_gb": peak_memory_gib(device_type),
                       "elapsed_s": elapsed, "eta_s": eta}
             if sums:
                 record["param_checksum"], record["batch_checksum"] = sums

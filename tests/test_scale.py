@@ -293,6 +293,36 @@ def test_fsdp_trains_the_numerics_of_ddp_in_bf16(prepared_data, tmp_path):
     assert worst < 1.2e-4, {s: (ddp[s]["loss"], fsdp[s]["loss"]) for s in ddp}
 
 
+# the torch release that first has each API the core imports unconditionally (optional paths check their own)
+CORE_TORCH_APIS = {("torch.distributed.fsdp", "fully_shard"): (2, 6), ("torch.distributed.fsdp", "MixedPrecisionPolicy"):
+                   (2, 6), ("torch.nn.attention.flex_attention", "flex_attention"): (2, 5)}
+
+
+def test_requirements_name_a_torch_floor_that_has_every_core_api():
+    import importlib
+    import re
+    line = next(l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.startswith("torch"))
+    floor = tuple(map(int, re.fullmatch(r"torch>=(\d+)\.(\d+)", line.strip()).groups()))
+    for (module, name), since in CORE_TORCH_APIS.items():
+        assert hasattr(importlib.import_module(module), name), (module, name)
+        assert floor >= since, f"requirements.txt says {line} but {module}.{name} needs torch {since}"
+
+
+def test_parallel_docstring_calls_match_the_functions():
+    """The usage lines in parallel.py's docstring call each function with arguments its signature accepts."""
+    import ast
+    import inspect
+
+    import parallel
+    code = [line for line in parallel.__doc__.splitlines() if line.startswith("    ")]  # the indented usage lines
+    calls = [node for line in code
+             for node in ast.walk(ast.parse(line.split("  #")[0].strip().removeprefix("with ").rstrip(":")))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and hasattr(parallel, node.func.id)]
+    assert {c.func.id for c in calls} >= {"wrap", "set_gradient_sync", "full_state_dict", "load_optimizer_state"}
+    for call in calls:
+        inspect.signature(getattr(parallel, call.func.id)).bind(*call.args, **{k.arg: k.value for k in call.keywords})
+
+
 def test_bf16_weights_resume_exactly_and_weights_only_loading(prepared_data, tmp_path):
     args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--save_interval=100",
                    "--param_dtype=bfloat16", "--dtype=auto", "--activation_checkpointing=2", "--lr=1e-2", "--min_lr=1e-3"]

@@ -73,6 +73,9 @@ def base2(prepared_data, tmp_path_factory):
 
 
 def test_two_ranks_learn_and_keep_identical_weights(base2):
+    run = records(base2, "run")[0]["run"]  # each launch logs what it resolved 'auto' to
+    assert (run["world_size"], run["device"], run["parallel"], run["backend"], run["dtype"], run["attn_impl"]) == (
+        2, "cpu", "ddp", "gloo", "float32", "sdpa")
     steps = records(base2)
     assert sorted(steps) == list(range(1, 9))
     losses = [steps[s]["loss"] for s in range(1, 9)]
@@ -210,7 +213,7 @@ def output(out_dir):
 
 def logged_steps(out_dir):
     path = Path(out_dir) / "log.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    return sum('"loss"' in line for line in path.read_text().splitlines()) if path.exists() else 0
 
 
 def test_sigterm_on_one_rank_saves_and_exits_0(prepared_data, tmp_path):
@@ -277,7 +280,7 @@ def test_kill_9_during_save_keeps_the_previous_checkpoint(prepared_data, tmp_pat
     assert f"resuming from {previous}: step {step}" in proc.stdout
     assert not list(out.glob("*.pt.tmp"))
     assert checkpoint.latest(str(out)).endswith(f"ckpt-{step + 2:08d}.pt")
-    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert logged == list(range(1, step + 3))  # the killed run's records past its checkpoint are gone: no step twice
 
 
@@ -318,6 +321,22 @@ def test_overflowed_weights_are_never_saved_and_infinite_lr_is_refused(prepared_
     assert_one_clear_error(proc, "grad_clip=-1.0: max_steps, ", "must be >= 0")
     proc = run(["--device=cpu", "--step_cadence=0", "--dry_run=True"])
     assert_one_clear_error(proc, "step_cadence=0.0 must be > 0")
+
+
+def test_logged_peak_memory_is_in_gib(prepared_data, tmp_path):
+    """peak_mem_gb on the CPU is the process's peak RSS in GiB (2^30 bytes, bench.py's and memory.py's unit): at
+    most the peak the kernel reports for the whole process when it exits, and close to it."""
+    # batch 16 x 64: the head's logits make the training steps the process's peak, not the save that follows
+    args = TINY + ["--batch_size=16", "--train_tokens=2048", "--eval_interval=0", "--save_strategy=no"]
+    with open(tmp_path / "stdout.txt", "w") as f:
+        proc = subprocess.Popen(command(None) + [f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", *args],
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, (tmp_path / "stdout.txt").read_text()[-3000:]
+    final_gib = usage.ru_maxrss * 1024 / 2**30  # Linux: KiB
+    logged = records(tmp_path)[2]["peak_mem_gb"]
+    assert 0.97 * final_gib <= logged <= final_gib, (logged, final_gib)
 
 
 def test_two_identical_runs_store_identical_checkpoints(prepared_data, tmp_path):
@@ -510,7 +529,10 @@ def start_nodes(out_dir, data, *args, nodes=2):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
                  "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=smoltrain-test", "train.py",
-                 f"--data_dir={data}", f"--out_dir={out_dir}", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
+                 f"--data_dir={data}", f"--out_dir={out_dir}", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                # torchrun sets OMP_NUM_THREADS=1 only for several ranks per node, and the one-node reference has
+                # two: one thread here too, since a CPU matmul's bits can depend on its thread count (MKL on Intel)
+                env={**os.environ, "OMP_NUM_THREADS": "1"}))
     return procs
 
 
@@ -584,12 +606,30 @@ GPU_TINY = [a for a in TINY if not a.startswith(("--device=", "--dtype=", "--com
 
 
 @needs_cuda
+def test_batches_reach_the_gpu_through_pinned_memory_without_blocking(monkeypatch):
+    """data.to_device, which the local loaders and dispatch_batches both use: a pinned source and a non_blocking
+    copy (from pageable memory every copy is a stream sync: world_size of them per micro-step on rank 0)."""
+    from data import to_device
+    copies = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        copies.append((self.is_pinned(), kwargs.get("non_blocking", False)))
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    out = to_device(torch.arange(10), "cuda:0")
+    assert out.is_cuda and copies == [(True, True)]
+    assert to_device(torch.arange(3), "cpu").device.type == "cpu"
+
+
+@needs_cuda
 def test_one_gpu_with_cuda_defaults_trains_and_resumes(prepared_data, tmp_path):
     args = GPU_TINY + ["--batch_size=4", "--train_tokens=3072", "--warmup_tokens=512", "--eval_interval=3",
                        "--save_interval=100"]  # 512 tokens a step: 6 steps
-    proc = train(tmp_path / "a", prepared_data, *args, timeout=600)
-    assert "world size 1 on cuda:0 (no DDP), bfloat16, compile=True" in proc.stdout
-    assert "attn_impl='flex_attention'" in proc.stdout
+    train(tmp_path / "a", prepared_data, *args, timeout=600)
+    run = records(tmp_path / "a", "run")[0]["run"]  # what train.py resolved 'auto' to on this machine
+    assert (run["world_size"], run["device"], run["parallel"], run["dtype"], run["compile"], run["attn_impl"]) == (
+        1, "cuda:0", None, "bfloat16", True, "flex_attention")
     train(tmp_path / "b", prepared_data, *args, "--max_steps=3", timeout=600)
     ckpt = checkpoint.load(checkpoint.latest(str(tmp_path / "b")))
     assert isinstance(ckpt["rng_states"][0]["cuda"], torch.Tensor)  # the CUDA generator's state is saved too
@@ -609,8 +649,9 @@ def test_one_gpu_with_cuda_defaults_trains_and_resumes(prepared_data, tmp_path):
 def test_two_gpus_keep_identical_weights_stop_and_resume(prepared_data, tmp_path):
     args = GPU_TINY + ["--batch_size=2", "--grad_accum=2", "--train_tokens=8192", "--warmup_tokens=1024",
                        "--eval_interval=4", "--save_interval=4"]  # 2 ranks x 2 x 2 x 128 = 1024 tokens a step: 8 steps
-    proc = train(tmp_path, prepared_data, *args, "--max_steps=4", ranks=2, timeout=600)
-    assert "world size 2 on cuda:0 (nccl)" in proc.stdout
+    train(tmp_path, prepared_data, *args, "--max_steps=4", ranks=2, timeout=600)
+    run = records(tmp_path, "run")[0]["run"]
+    assert (run["world_size"], run["device"], run["parallel"], run["backend"]) == (2, "cuda:0", "ddp", "nccl")
     proc = train(tmp_path, prepared_data, *args, "--dispatch_batches=True", ranks=2, timeout=600)
     assert "resuming from" in proc.stdout and "step 4" in proc.stdout
     steps = records(tmp_path)
