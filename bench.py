@@ -138,7 +138,8 @@ def make_step(cfg):
     if cfg["compile"]:
         model.compile_layers(mode=cfg["compile_mode"])
     model.set_activation_checkpointing(cfg["activation_checkpointing"])
-    optimizer = optim.make_optimizer(model, cfg["optimizer"], cfg["param_dtype"], 1e-4, (0.9, 0.95), 0.1, 0, device)
+    optimizer = optim.make_optimizer(model, cfg["optimizer"], cfg["param_dtype"], 1e-4, (0.9, 0.95), 0.1, 0, device,
+                                        muon_lr=1e-3)
     batch = synthetic_batch(cfg, device) if cfg["batch"] == "synthetic" else data_batch(cfg, device)
     x, y, doc_ids, cu_seqlens = batch
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")

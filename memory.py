@@ -60,7 +60,8 @@ def bytes_per_param(cfg):
     """{'weights', 'grads', 'optimizer'}: bytes per parameter after one step of the scaled-down model on the CPU."""
     torch.manual_seed(0)
     model = Transformer(small_config(cfg)).to(dtype=getattr(torch, cfg["param_dtype"]))
-    opt = optim.make_optimizer(model, cfg["optimizer"], cfg["param_dtype"], 1e-4, (0.9, 0.95), 0.1, 0, "cpu")
+    opt = optim.make_optimizer(model, cfg["optimizer"], cfg["param_dtype"], 1e-4, (0.9, 0.95), 0.1, 0, "cpu",
+                               muon_lr=1e-3)
     x = torch.randint(0, 1024, (1, 32))
     with torch.autocast("cpu", torch.bfloat16, enabled=cfg["dtype"] == "bfloat16"):
         _, loss = model(x, x)

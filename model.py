@@ -381,9 +381,10 @@ def checkpoint_every(policy):
 # Memory-lean head + loss. Plain F.cross_entropy(lm_head(h).float(), targets) holds [B*T, vocab] logits in bf16
 # and fp32 plus their gradient: 8 x 4096 x 50304 x 10 bytes = 16 GB. Here one chunk of rows lives at a time.
 
-def _linear_cross_entropy(h, weight, targets, chunk_size, with_grads):
+def _linear_cross_entropy(h, weight, targets, chunk_size, with_grads, per_row=False):
     """Mean cross-entropy of h @ weight.T [N, V] against targets [N] (-100 = ignore), chunk_size rows at a time.
-    with_grads also returns d loss / d h and d loss / d weight."""
+    with_grads also returns d loss / d h and d loss / d weight; per_row (without grads) returns each row's
+    cross-entropy [N] instead of the mean (0 for ignored rows)."""
     valid = targets != -100
     row_weight = valid / valid.sum().clamp(min=1)  # a tensor: no host sync. No targets at all gives 0, not nan
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -395,6 +396,7 @@ def _linear_cross_entropy(h, weight, targets, chunk_size, with_grads):
     # The same values as autocast's own casts, so the same results.
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
     w = weight.to(dtype)
+    rows = []
     for s in range(0, h.size(0), chunk_size):
         hc, wc = h[s:s + chunk_size].to(dtype), row_weight[s:s + chunk_size, None]
         tc = targets[s:s + chunk_size, None].clamp(min=0)  # ignored rows point at class 0, then get weight 0
@@ -403,11 +405,16 @@ def _linear_cross_entropy(h, weight, targets, chunk_size, with_grads):
         row_max = logits.amax(dim=-1, keepdim=True)
         probs = logits.sub_(row_max).exp_()  # in place: a chunk's logits are not needed again
         sum_exp = probs.sum(dim=-1, keepdim=True)
+        if per_row:
+            rows.append(((row_max + sum_exp.log() - target_logit) * (wc > 0)).squeeze(1))
+            continue
         loss = loss + ((row_max + sum_exp.log() - target_logit) * wc).sum()
         if with_grads:  # d loss / d logits = (softmax - onehot(target)) * row_weight
             dlogits = probs.mul_(wc / sum_exp).scatter_add_(1, tc, -wc).to(dtype)
             grad_h[s:s + chunk_size] = dlogits @ w
             grad_w += dlogits.t() @ hc
+    if per_row:
+        return torch.cat(rows), None, None
     return loss, grad_h, (grad_w.to(weight.dtype) if with_grads else None)
 
 
@@ -436,7 +443,10 @@ class LinearCrossEntropy(nn.Module):
         super().__init__()
         self.chunk_size = chunk_size
 
-    def forward(self, h, weight, targets):
+    def forward(self, h, weight, targets, per_row=False):
+        if per_row:  # evaluation: each row's cross-entropy, for sums over chosen tokens (bits per byte)
+            with torch.no_grad():
+                return _linear_cross_entropy(h, weight, targets, self.chunk_size, with_grads=False, per_row=True)[0]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             return _LinearCrossEntropyFn.apply(h, weight, targets, self.chunk_size)
         return _linear_cross_entropy(h, weight, targets, self.chunk_size, with_grads=False)[0]  # eval: no grads
@@ -508,8 +518,9 @@ class Transformer(nn.Module):
             kv_cache.pos += T
         return self.norm(x)
 
-    def forward(self, idx, targets=None, doc_ids=None, cu_seqlens=None):
-        """(fp32 logits [B, T, vocab], None) without targets; (None, mean cross-entropy) with targets [B, T].
+    def forward(self, idx, targets=None, doc_ids=None, cu_seqlens=None, per_token=False):
+        """(fp32 logits [B, T, vocab], None) without targets; (None, mean cross-entropy) with targets [B, T], or with
+        per_token=True (evaluation, no grads) (None, each token's cross-entropy [B, T], fp32).
         doc_ids [B, T] and cu_seqlens (int32, padded) describe the same packed documents, as data.PackedLoader
         ships them: flash_attention_2 reads cu_seqlens (or derives it from doc_ids, with a sync), the others
         doc_ids. Neither: plain causal rows."""
@@ -524,7 +535,8 @@ class Transformer(nn.Module):
         with torch.profiler.record_function("head+loss"):  # a named range for bench.py --what=profile
             if targets is None:
                 return self.lm_head(h).float(), None
-            return None, self.loss_fn(h.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+            loss = self.loss_fn(h.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), per_row=per_token)
+            return None, loss.view(B, T) if per_token else loss
 
     def set_activation_checkpointing(self, policy):
         """'none' | 'all' | k (int): every k-th Block (1 = all) keeps only its input for backward and recomputes
@@ -563,14 +575,6 @@ class Transformer(nn.Module):
         cfg = self.config
         matmul_params = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
         return 6 * matmul_params + 12 * cfg.n_layer * cfg.d_model * T * attn_fraction
-
-    def configure_optimizer(self, weight_decay, lr, betas, device_type):
-        """AdamW; weight decay on matrices only (every >= 2-D weight, embedding and head included, as in nanoGPT),
-        none on norm gains. Fused kernel on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_kv_cache=True):

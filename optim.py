@@ -1,10 +1,16 @@
 """
-Memory-lean, sync-free optimizers for bf16 weights: AdamW and Adafactor with stochastic rounding. Used by train.py
-(param_dtype='bfloat16', or optimizer='adafactor') and bench.py --what=memory.
+The optimizers of train.py: Muon with AdamW, and memory-lean, sync-free AdamW and Adafactor with stochastic rounding
+for bf16 weights; the parameter groups each one gets (make_optimizer). Used by train.py, bench.py and memory.py.
 
-    from optim import AdamW, Adafactor
+    from optim import AdamW, Adafactor, Muon
     opt = AdamW(groups, lr=3e-4, betas=(0.9, 0.95), seed=1337)    # like torch.optim.AdamW
     opt = Adafactor(groups, lr=3e-4, seed=1337)                    # lr in AdamW's units (an absolute step)
+    opt = Muon(groups, lr=3e-4, betas=(0.9, 0.95), seed=1337)     # groups with muon=True: Muon; the rest: AdamW
+
+Muon (Jordan et al. 2024, kellerjordan.github.io/posts/muon) orthogonalizes each weight matrix's Nesterov momentum
+with a quintic Newton-Schulz iteration, as torch.optim.Muon does; here it also runs on bf16 weights (stochastic
+rounding), on FSDP2 shards (each matrix's momentum is gathered for the orthogonalization: one all-gather of the
+matrix a step, and the whole matrix in memory once, on every rank) and without host-device syncs.
 
 State lives in the parameter's dtype: with bf16 weights, AdamW holds bf16 weights, gradients and two bf16 moments,
 8 bytes a parameter instead of 16; Adafactor holds factored fp32 row and column statistics, about 4 bytes a
@@ -77,7 +83,7 @@ class _SyncFreeOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU, as torch's own optimizers
-                    self._init_state(p, state)
+                    self._init_state(group, p, state)
                 state["step"] += 1
                 step = int(state["step"])  # a CPU tensor: no device sync
                 sharded = hasattr(p, "to_local")
@@ -94,7 +100,7 @@ class AdamW(_SyncFreeOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), seed)
 
-    def _init_state(self, p, state):
+    def _init_state(self, group, p, state):
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -115,6 +121,93 @@ class AdamW(_SyncFreeOptimizer):
             self._write(w_s, w32, gen)
 
 
+# The quintic Newton-Schulz iteration's coefficients and step count of Keller Jordan's Muon, chosen to raise small
+# singular values fast; torch.optim.Muon uses the same (its DEFAULT_A, _B, _C).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def orthogonalize(g, steps=NS_STEPS, eps=1e-7):
+    """A matrix close to U V^T, where g = U S V^T: the quintic Newton-Schulz iteration in bf16, as torch.optim.Muon
+    computes it. It does not converge to 1: the singular values land in about [0.7, 1.2] (Jordan: "S' ~ Uniform(0.5,
+    1.5)"), which trains as well as the exact U V^T. Returns bf16."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16()
+    tall = g.size(0) > g.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # Frobenius norm >= spectral norm: every singular value starts <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
+    return x.T if tall else x
+
+
+class Muon(AdamW):
+    """Muon on the groups with muon=True (2-D weight matrices), AdamW on the others (embedding, head, norm gains).
+
+    A Muon step: momentum buffer m <- lerp(m, g, 1 - mu); Nesterov update u = lerp(g, m, mu); O = orthogonalize(u);
+    w <- w (1 - lr wd) - lr sqrt(max(1, rows / cols)) O (the shape factor of Jordan's Muon, torch's 'original').
+    mu warms up linearly from momentum_start to momentum over momentum_warmup_steps (nanochat: 0.85 -> 0.95 over 300
+    steps), since early gradients change fast. With momentum_warmup_steps=0 and fp32 weights a step is
+    torch.optim.Muon's. The momentum buffer lives in the parameter's dtype (4 bytes a parameter, or 2 with bf16
+    weights: half of AdamW's state)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95,
+                 momentum_start=0.85, momentum_warmup_steps=300, nesterov=True, seed=0):
+        _SyncFreeOptimizer.__init__(self, params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, muon=False, momentum=momentum,
+            momentum_start=momentum_start, momentum_warmup_steps=momentum_warmup_steps, nesterov=nesterov), seed)
+        for group in self.param_groups:
+            odd = [tuple(p.shape) for p in group["params"] if group["muon"] and p.dim() != 2]
+            if odd:
+                raise ValueError(f"Muon orthogonalizes 2-D matrices; its group holds parameters of shapes {odd}")
+
+    def _init_state(self, group, p, state):
+        if group["muon"]:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            super()._init_state(group, p, state)
+
+    def _update(self, group, p, w, grad, state, step, gen):
+        if not group["muon"]:
+            return super()._update(group, p, w, grad, state, step, gen)
+        mu = group["momentum"]
+        if group["momentum_warmup_steps"]:
+            frac = min(1.0, step / group["momentum_warmup_steps"])
+            mu = group["momentum_start"] + frac * (mu - group["momentum_start"])
+        buf = _local(state["momentum_buffer"])
+        g, m = grad.float(), buf.float()
+        m.lerp_(g, 1 - mu)
+        update = g.lerp(m, mu) if group["nesterov"] else m
+        self._write(buf, m, gen)
+        if hasattr(p, "to_local"):  # an FSDP2 shard holds some rows: orthogonalize the whole matrix, keep ours
+            from torch.distributed.tensor import DTensor
+            whole = DTensor.from_local(update, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                       stride=p.stride()).full_tensor()
+            ortho = _own_rows(orthogonalize(whole), p, w)
+        else:
+            ortho = orthogonalize(update)
+        rows, cols = p.shape
+        w32 = w.float()
+        w32.mul_(1 - group["lr"] * group["weight_decay"])
+        w32.add_(ortho.float(), alpha=-group["lr"] * math.sqrt(max(1.0, rows / cols)))
+        self._write(w, w32, gen)
+
+
+def _own_rows(whole, p, local_shard):
+    """This rank's rows of a whole matrix, as FSDP2 shards dim 0: torch.chunk over the ranks (ranks past the last
+    chunk hold none)."""
+    from torch.distributed.tensor import Shard
+    if tuple(p.placements) != (Shard(0),):
+        raise RuntimeError(f"Muon expects FSDP2's dim-0 sharding, got {p.placements}")
+    chunks = whole.chunk(p.device_mesh.size(), dim=0)
+    rank = p.device_mesh.get_local_rank()
+    rows = chunks[rank] if rank < len(chunks) else whole[:0]
+    assert rows.shape == local_shard.shape, (rows.shape, local_shard.shape)
+    return rows
+
+
 class Adafactor(_SyncFreeOptimizer):
     """Adafactor (Shazeer & Stern, arXiv 1804.04235, Alg. 4 and 5): the second moment of a matrix is factored into
     fp32 row and column means (of the last two dims); no first moment; beta2_t = 1 - t^-0.8 (Sec. 7.2); updates
@@ -126,7 +219,7 @@ class Adafactor(_SyncFreeOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                                       weight_decay=weight_decay), seed)
 
-    def _init_state(self, p, state):
+    def _init_state(self, group, p, state):
         if hasattr(p, "to_local"):
             raise RuntimeError("optimizer='adafactor' cannot run on FSDP-sharded weights: its row and column "
                                "statistics span the whole matrix. Use optimizer='adamw' with parallel='fsdp'.")
@@ -190,14 +283,14 @@ def state_bytes(optimizer):
                if isinstance(t, torch.Tensor))
 
 
-def settings_problem(lr, min_lr, lr_scale, betas):
-    """What is wrong with train.py's LR and betas, in one message naming the values, or '' when they are fine. lr and
-    min_lr are per sequence; lr_scale = sqrt(global batch in sequences) multiplies them."""
+def settings_problem(lr, min_lr, lr_scale, betas, muon_lr=0.0):
+    """What is wrong with train.py's LRs and betas, in one message naming the values, or '' when they are fine. lr,
+    min_lr and muon_lr are per sequence; lr_scale = sqrt(global batch in sequences) multiplies them."""
     beta1, beta2 = betas
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):  # Adam's bias corrections divide by 1 - beta^step
         return f"beta1={beta1:g}, beta2={beta2:g}: both must lie in [0, 1), e.g. --beta1=0.9 --beta2=0.95"
     fp32_max = torch.finfo(torch.float32).max
-    for key, value in (("lr", lr), ("min_lr", min_lr)):
+    for key, value in (("lr", lr), ("min_lr", min_lr), ("muon_lr", muon_lr)):
         # An infinite LR turns every weight into inf or NaN at once; AdamW's first step computes lr / (1 - beta1) as
         # an fp32 number, which must not overflow either.
         scaled = value * lr_scale
@@ -206,17 +299,51 @@ def settings_problem(lr, min_lr, lr_scale, betas):
                     f"finite number >= 0, below float32's {fp32_max:.3g} x (1 - beta1) (lr is for a global batch of "
                     f"one sequence, e.g. --{key}=1e-4)")
     if min_lr > lr:
-        return f"min_lr={min_lr} is above lr={lr}; the cosine decays from lr down to min_lr"
+        return f"min_lr={min_lr} is above lr={lr}; the schedule decays from lr down to min_lr"
     return ""
 
 
-def make_optimizer(model, name, param_dtype, lr, betas, weight_decay, seed, device_type):
-    """train.py's and bench.py's optimizer: weight decay on matrices only (model.configure_optimizer's groups).
-    fp32 weights with 'adamw': torch.optim.AdamW (fused on CUDA); bf16 weights, or 'adafactor': the classes above."""
-    adamw = model.configure_optimizer(weight_decay, lr, betas, device_type)
+def param_groups(model, weight_decay, muon=False):
+    """The parameter groups, as [(name, {"params", "weight_decay", "muon"})]: weight decay on matrices only (every >= 2-D
+    weight, embedding and head included, as in nanoGPT), none on norm gains. With muon=True the Blocks' 2-D weights
+    (attention q/k/v/o, feed-forward) form a Muon group of their own; the embedding and head stay with AdamW, whose
+    per-element steps suit their sparse, per-token gradients (as in nanochat and modded-nanogpt)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    in_blocks = {id(p) for p in model.layers.parameters()}
+    matrices = [p for p in params if p.dim() >= 2 and not (muon and id(p) in in_blocks)]
+    groups = [("adamw, decayed", {"params": matrices, "weight_decay": weight_decay, "muon": False}),
+              ("adamw, not decayed", {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
+                                      "muon": False})]
+    if muon:
+        groups.insert(0, ("muon", {"params": [p for p in params if p.dim() == 2 and id(p) in in_blocks],
+                                   "weight_decay": 0.0, "muon": True}))
+    return groups
+
+
+def describe_groups(model, name, weight_decay, lr, muon_lr):
+    """One line per parameter group of optimizer `name`: the optimizer that steps it, its tensors and parameters, its
+    peak LR and weight decay (for the plan train.py prints at start; model may be on the meta device)."""
+    lines = []
+    for label, g in param_groups(model, weight_decay, muon=name == "muon"):
+        label = label if name == "muon" else label.replace("adamw", name)
+        lines.append(f"  {label}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} "
+                     f"parameters, peak lr {muon_lr if g['muon'] else lr:.3e}, weight decay {g['weight_decay']:g}")
+    return "\n".join(lines)
+
+
+def make_optimizer(model, name, param_dtype, lr, betas, weight_decay, seed, device_type, muon_lr=None):
+    """train.py's, bench.py's and memory.py's optimizer over param_groups(model, ...). fp32 weights with 'adamw':
+    torch.optim.AdamW (fused on CUDA); bf16 weights, 'adafactor' or 'muon': the classes above. Every group carries
+    its peak_lr (muon_lr for the Muon group, lr for the others), which the LR schedule multiplies."""
+    groups = [g for _, g in param_groups(model, weight_decay, muon=name == "muon")]
+    for g in groups:
+        g["peak_lr"] = g["lr"] = muon_lr if g["muon"] else lr
+    if name == "muon":
+        return Muon(groups, lr=lr, betas=betas, seed=seed)
+    for g in groups:
+        del g["muon"]
     if name == "adamw" and param_dtype == "float32":
-        return adamw
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in adamw.param_groups]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
     if name == "adamw":
         return AdamW(groups, lr=lr, betas=betas, seed=seed)
     return Adafactor(groups, lr=lr, seed=seed)

@@ -4,10 +4,11 @@ Draw the loss curves of one or more runs from their log.jsonl files, to compare 
     python plot.py out/smoke                           # writes curves.png
     python plot.py out/a out/b --out=compare.png       # one colour per run
     python plot.py out/a --smooth=0.95                 # heavier smoothing of the training loss
+    python plot.py out/a out/b --val=bpb               # validation in bits per byte (comparable across tokenizers)
 
 Left panel: training loss against tokens seen, smoothed (an exponential moving average, bias-corrected as in Adam,
 arXiv 1412.6980 Sec. 3, so the first points are not pulled towards 0), over the raw loss drawn faintly. Right
-panel: each subset's validation loss against tokens, one line style per subset. Each argument is a run's out_dir
+panel: each subset's validation loss (or, with --val=bpb, bits per byte) against tokens, one line style per subset. Each argument is a run's out_dir
 (or its log.jsonl). Needs matplotlib (pip install matplotlib), imported only here.
 """
 
@@ -34,7 +35,7 @@ def read_log(path):
                 continue
             if "loss" in record:
                 train.append(record)
-            elif any(k.startswith("val_loss/") for k in record):
+            elif any(k.startswith(("val_loss/", "val_bpb/")) for k in record):
                 val.append(record)
     return train, val
 
@@ -58,7 +59,7 @@ def val_tokens(val, train):
     return list(np.interp([r["step"] for r in val], steps, tokens)) if steps else [r["step"] for r in val]
 
 
-def plot(runs, out, smooth_weight=0.8):
+def plot(runs, out, smooth_weight=0.8, val_metric="loss"):
     try:
         import matplotlib
     except ImportError:
@@ -76,7 +77,7 @@ def plot(runs, out, smooth_weight=0.8):
             x, loss = [r["tokens"] for r in train], [r["loss"] for r in train]
             ax_train.plot(x, loss, color=colour, alpha=0.25, linewidth=0.8)
             ax_train.plot(x, smooth(loss, smooth_weight), color=colour, label=name)
-        for key in sorted({k for r in val for k in r if k.startswith("val_loss/")}):
+        for key in sorted({k for r in val for k in r if k.startswith(f"val_{val_metric}/")}):
             subset = key.split("/", 1)[1]
             if subset not in subsets:
                 subsets.append(subset)
@@ -86,10 +87,10 @@ def plot(runs, out, smooth_weight=0.8):
         if not train and not val:
             print(f"plot.py: {run} has no loss records yet", file=sys.stderr)
     ax_train.set_title(f"training loss (EMA {smooth_weight})")
-    ax_val.set_title("validation loss")
+    ax_val.set_title("validation loss" if val_metric == "loss" else "validation bits per byte")
     for ax in (ax_train, ax_val):
         ax.set_xlabel("tokens")
-        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_ylabel("cross-entropy (nats/token)" if ax is ax_train or val_metric == "loss" else "bits per byte")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -104,10 +105,12 @@ def main(argv):
     parser.add_argument("runs", nargs="+", help="out_dir of each run (or a log.jsonl)")
     parser.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
     parser.add_argument("--smooth", type=float, default=0.8, help="EMA weight for the training loss, in [0, 1)")
+    parser.add_argument("--val", choices=("loss", "bpb"), default="loss",
+                        help="right panel: validation loss (nats/token) or bits per byte")
     args = parser.parse_args(argv)
     if not 0 <= args.smooth < 1:
         parser.error(f"--smooth={args.smooth} must be in [0, 1): 0 = no smoothing, 0.99 = heavy")
-    print(f"wrote {plot(args.runs, args.out, args.smooth)}")
+    print(f"wrote {plot(args.runs, args.out, args.smooth, args.val)}")
 
 
 if __name__ == "__main__":

@@ -28,3 +28,12 @@ def load_tokenizer():
             f"tiktoken could not load the {TOKENIZER} tokenizer ({reason}). tiktoken must download it once, from "
             f"{URL}, and then caches it: connect once, or copy a cached copy (that file, named {CACHE_NAME} in "
             f"tiktoken's cache) into a directory and set TIKTOKEN_CACHE_DIR to it") from None
+
+
+def token_byte_lengths(enc, vocab_size):
+    """int64 tensor [vocab_size]: each token id's length in UTF-8 bytes; 0 for special tokens (<|endoftext|>) and
+    for the ids past the tokenizer's vocabulary that a padded model vocabulary adds."""
+    import torch
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    lengths = [0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(min(enc.n_vocab, vocab_size))]
+    return torch.tensor(lengths + [0] * (vocab_size - len(lengths)), dtype=torch.int64)

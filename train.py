@@ -53,7 +53,7 @@ from model import (ModelConfig, Transformer, attended_pairs, checkpoint_every, d
                    gpu_peak_tflops)
 from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
 from parallel import wrap as parallel_wrap
-from tokenizer import TokenizerError, load_tokenizer
+from tokenizer import TokenizerError, load_tokenizer, token_byte_lengths
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -97,15 +97,20 @@ attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) | 'eager' | '
 loss_chunk_size = 4096  # rows of hidden states per chunk of the fused head + cross-entropy
 # optimizer
 optimizer = "adamw"  # 'adamw' (torch's, fused on CUDA; optim.AdamW for bf16 weights) | 'adafactor' (optim.Adafactor)
+#                      | 'muon' (optim.Muon on the Blocks' weight matrices, AdamW with lr on embedding, head, gains)
 lr = 1e-4  # peak LR for a global batch of ONE sequence; scaled by sqrt(batch_size * grad_accum * world_size)
-min_lr = 1e-5  # LR at the end of the cosine, same units as lr (scaled the same way)
+muon_lr = 7e-3  # optimizer='muon': peak LR of the Blocks' matrices, same units and scaling as lr
+min_lr = 1e-5  # LR at the end of the schedule, same units as lr; every group ends at its peak x min_lr / lr
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
 # LR schedule (in tokens, so that it survives a change of batch size or world size on resume)
+lr_schedule = "cosine"  # 'cosine' (down to min_lr at train_tokens) | 'wsd' (warmup-stable-decay: constant, then
+#                         a linear decay to min_lr over the last decay_frac of train_tokens)
+decay_frac = 0.5  # lr_schedule='wsd': the share of train_tokens that the final linear decay spans
 warmup_tokens = 100_000_000  # linear warmup from 0 to the peak LR
-train_tokens = 0  # tokens the schedule spans (cosine ends here); 0 = one epoch of the prepared train data
+train_tokens = 0  # tokens the schedule spans (it ends here); 0 = one epoch of the prepared train data
 max_steps = 0  # stop after this step, with a checkpoint, without changing the schedule; 0 = run to the end
 # DDP / FSDP
 backend = "auto"  # 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
@@ -126,7 +131,8 @@ seed = 1337
 CHOICES = {
     "init_from": ("scratch", "resume", "auto"), "save_strategy": ("steps", "epoch", "no"),
     "device": ("auto", "cuda", "cpu"), "backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "bfloat16", "float32"),
-    "optimizer": ("adamw", "adafactor"), "parallel": ("ddp", "fsdp"), "param_dtype": ("float32", "bfloat16"),
+    "optimizer": ("adamw", "adafactor", "muon"), "parallel": ("ddp", "fsdp"), "param_dtype": ("float32", "bfloat16"),
+    "lr_schedule": ("cosine", "wsd"),
     "attn_impl": ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
@@ -177,6 +183,8 @@ for minimum, keys in ((1, ("batch_size", "grad_accum", "block_size", "keep_last"
                       (0, ("max_steps", "train_tokens", "warmup_tokens", "eval_interval", "sample_interval", "grad_clip"))):
     if any(cfg[k] < minimum for k in keys):
         die(f"{', '.join(f'{k}={cfg[k]}' for k in keys if cfg[k] < minimum)}: {', '.join(keys)} must be >= {minimum}")
+if not 0 < decay_frac <= 1:
+    die(f"decay_frac={decay_frac} must be in (0, 1]: the share of train_tokens that lr_schedule='wsd' decays over")
 if step_cadence <= 0:
     die(f"step_cadence={step_cadence} must be > 0 (it multiplies the log, eval and save intervals)")
 if dist_timeout_s < 0 or save_timeout_s <= 0:
@@ -196,6 +204,11 @@ if sample_interval:  # loaded now, so that a missing tokenizer stops the run bef
         sample_tokenizer = load_tokenizer()
     except TokenizerError as e:
         die(f"sample_interval={sample_interval} needs the tokenizer: {e}")
+try:  # validation in bits per byte needs each token's length in UTF-8 bytes, read from the tokenizer once
+    token_bytes = token_byte_lengths(sample_tokenizer or load_tokenizer(), vocab_size)
+except TokenizerError as e:
+    token_bytes = None
+    print0(f"warning: validation reports no val_bpb (bits per byte): {e}")
 if wandb_log and master:
     try:
         import wandb
@@ -210,8 +223,8 @@ except (TypeError, ValueError) as e:
 # the plan: batch, learning rate, schedule length
 tokens_per_step = batch_size * block_size * grad_accum * world_size
 lr_scale = math.sqrt(batch_size * grad_accum * world_size)  # lr is for a global batch of one sequence
-peak_lr, final_lr = lr * lr_scale, min_lr * lr_scale
-if problem := optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2)):
+peak_lr, final_lr, peak_muon_lr = lr * lr_scale, min_lr * lr_scale, muon_lr * lr_scale
+if problem := optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2), muon_lr if optimizer == "muon" else 0.0):
     die(problem)
 if train_tokens == 0 and not (dry_run and not os.path.exists(os.path.join(data_dir, "meta.json"))):
     train_tokens = count_tokens(data_dir, "train")  # one epoch; a dry run without data leaves it unknown
@@ -220,17 +233,24 @@ log_every, eval_every, save_every, sample_every = (max(1, round(i * step_cadence
                                                    for i in (log_interval, eval_interval, save_interval, sample_interval))
 
 
-def describe_plan(n_params):
+def describe_plan(model):
     accum = f" x grad_accum {grad_accum}" if grad_accum > 1 else ""
     stop = f", stopping early after step {max_steps}" if max_steps else ""
+    n_params = model.num_params()
+    shape = ("cosine to" if lr_schedule == "cosine" else
+             f"constant, then a linear decay over the last {decay_frac:.0%} to")
     return "\n".join([
         f"model: {n_params / 1e6:.2f}M parameters, {model_config}",
         f"world size {world_size} on {device} ({f'{parallel} over {backend}' if ddp else 'no DDP'}), {dtype}, "
         f"compile={compile}" + (f" (mode {compile_mode})" if compile else "")
         + f", weights {param_dtype}, activation checkpointing {activation_checkpointing}",
         f"tokens per step: {batch_size} seqs x {block_size} tokens{accum} x {world_size} ranks = {tokens_per_step:,}",
-        f"lr: {lr:g} x sqrt({batch_size * grad_accum * world_size}) = {peak_lr:.3e} peak, min_lr -> {final_lr:.3e}",
-        f"schedule: warmup {warmup_tokens:,} tokens ({math.ceil(warmup_tokens / tokens_per_step)} steps), cosine to "
+        f"lr: {lr:g} x sqrt({batch_size * grad_accum * world_size}) = {peak_lr:.3e} peak, min_lr -> {final_lr:.3e}"
+        + (f"; muon_lr: {muon_lr:g} x sqrt({batch_size * grad_accum * world_size}) = {peak_muon_lr:.3e} peak"
+           if optimizer == "muon" else ""),
+        f"optimizer {optimizer}, parameter groups:\n"
+        + optim.describe_groups(model, optimizer, weight_decay, peak_lr, peak_muon_lr),
+        f"schedule: warmup {warmup_tokens:,} tokens ({math.ceil(warmup_tokens / tokens_per_step)} steps), {shape} "
         + (f"{train_tokens:,} tokens = {planned_steps} steps{stop}" if train_tokens else
            f"one epoch of {data_dir} (not prepared yet; or set --train_tokens){stop}"),
     ] + ([f"warning: warmup_tokens={warmup_tokens:,} >= train_tokens: the LR never reaches its peak"]
@@ -241,10 +261,10 @@ if dry_run:
     if master:
         print("config:\n" + "\n".join(f"  {k} = {cfg[k]!r}" for k in config_keys))
         with torch.device("meta"):  # sizes without allocating the weights
-            n_params = Transformer(model_config).num_params()
+            meta_model = Transformer(model_config)
         if train_tokens == 0:
             print(f"(no prepared data in {data_dir}: train_tokens unknown)")
-        print(describe_plan(n_params))
+        print(describe_plan(meta_model))
     sys.exit(0)
 if train_tokens == 0:
     die(f"train_tokens=0: the prepared data in {data_dir} has no train tokens")
@@ -378,6 +398,9 @@ def next_batch(loaders):
     return x, y, doc_ids, flat[3 * n_tokens:].int()
 
 
+eot_token = read_meta(data_dir)["eot_token"]
+if token_bytes is not None:
+    token_bytes = token_bytes.to(device)
 train_loaders = make_loaders("train")
 subsets = train_loaders[0].subsets if train_loaders else None
 if dispatch_batches and ddp:
@@ -403,8 +426,8 @@ if compile:
     model.compile_layers(mode=compile_mode)  # in place, so state_dict keys keep their names
 model.set_activation_checkpointing(activation_checkpointing)
 ddp_model = parallel_wrap(model, parallel, device_type, local_rank, world_size, grad_accum, dtype) if ddp else model
-opt = optim.make_optimizer(model, optimizer, param_dtype, peak_lr, (beta1, beta2), weight_decay, seed,
-                           device_type)  # after FSDP's sharding: it steps the shards
+opt = optim.make_optimizer(model, optimizer, param_dtype, peak_lr, (beta1, beta2), weight_decay, seed, device_type,
+                           muon_lr=peak_muon_lr)  # after FSDP's sharding: it steps the shards
 if ckpt:
     run_settings = optim.group_settings(opt)
     load_optimizer_state(model, opt, ckpt["optimizer"], parallel if ddp else "ddp")
@@ -479,20 +502,28 @@ def count_val_batches():
 
 @torch.no_grad()
 def evaluate():
-    """Validation loss per subset on fixed val blocks (a fresh val loader each time), averaged over ranks."""
+    """Per subset, on fixed val blocks (a fresh val loader each time), over all ranks: the mean validation loss, and
+    bits per byte: summed nats / (ln 2 x UTF-8 bytes) of the target tokens, <|endoftext|> targets left out of both
+    sums (a document boundary is no text), comparable across tokenizers."""
     model.eval()
     losses = {}
     for subset in subsets:
         loaders = make_loaders("val", subset)
-        total = torch.zeros((), device=device)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # mean losses, nats of text tokens, their bytes
         for _ in range(val_batches[subset]):
             x, y, doc_ids, cu_seqlens = next_batch(loaders)
             with autocast:
-                _, loss = model(x, y, doc_ids, cu_seqlens)
-            total += loss.float()
+                _, per_token = model(x, y, doc_ids, cu_seqlens, per_token=True)
+            sums[0] += per_token.mean()
+            if token_bytes is not None:
+                sums[1] += per_token[y != eot_token].sum()
+                sums[2] += token_bytes[y].sum()  # <|endoftext|> counts 0 bytes
         if ddp:
-            dist.all_reduce(total)
-        losses[f"val_loss/{subset}"] = total.item() / (val_batches[subset] * world_size)
+            dist.all_reduce(sums)
+        loss_sum, nats, n_bytes = sums.tolist()
+        losses[f"val_loss/{subset}"] = loss_sum / (val_batches[subset] * world_size)
+        if token_bytes is not None:
+            losses[f"val_bpb/{subset}"] = nats / (math.log(2) * max(n_bytes, 1))
     model.train()
     return losses
 
@@ -531,12 +562,21 @@ def sample_text():
     return samples
 
 
-def get_lr(tokens):
-    """LR for the step that starts after `tokens` tokens: linear warmup, then cosine down to final_lr."""
+def lr_multiplier(tokens):
+    """The LR of the step that starts after `tokens` tokens, as a multiple of each group's peak LR: a linear warmup
+    over warmup_tokens, then 'cosine' down to min_lr / lr at train_tokens, or 'wsd' (warmup-stable-decay): 1 until
+    the last decay_frac of train_tokens, then a linear decay to min_lr / lr. Counted in tokens, so a resume with
+    another batch or world size keeps its place; a resume with a larger train_tokens during the stable phase moves
+    the decay later, extending the run."""
+    floor = min_lr / lr if lr > 0 else 0.0
     if tokens < warmup_tokens:
-        return peak_lr * min(1.0, (tokens + tokens_per_step) / warmup_tokens)
+        return min(1.0, (tokens + tokens_per_step) / warmup_tokens)
+    if lr_schedule == "wsd":
+        decay_start = max(warmup_tokens, (1 - decay_frac) * train_tokens)
+        progress = min(1.0, max(0.0, tokens - decay_start) / max(1, train_tokens - decay_start))
+        return 1.0 - progress * (1.0 - floor)
     progress = min(1.0, (tokens - warmup_tokens) / max(1, train_tokens - warmup_tokens))
-    return final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - final_lr)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
 
 
 def device_peak_flops():
@@ -652,7 +692,7 @@ if tokens_seen >= train_tokens:
 peak_flops, peak_note = device_peak_flops()
 stop_step = min(planned_steps, max_steps) if max_steps else planned_steps
 if master:
-    print(describe_plan(model.num_params()))
+    print(describe_plan(model))
     print(f"MFU: {peak_note}")
     start_log(step)
     # what this launch resolved the 'auto' settings to, for whoever reads the log (and tests) later
@@ -677,9 +717,10 @@ attended_sum = torch.zeros((), dtype=torch.long, device=device)  # attended pair
 # copied (non_blocking) while the current step's kernels run. Loss, health and grad norm are read only at log,
 # eval and save points.
 while step < stop_step and tokens_seen < train_tokens:
-    lr_now = get_lr(tokens_seen)
+    multiplier = lr_multiplier(tokens_seen)
+    lr_now = peak_lr * multiplier  # the AdamW (or Adafactor) LR, logged
     for group in opt.param_groups:
-        group["lr"] = lr_now
+        group["lr"] = group["peak_lr"] * multiplier
     loss, batches = forward_backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     grad_norm = full_tensor(grad_norm)  # FSDP: the norm is a DTensor
@@ -722,6 +763,8 @@ while step < stop_step and tokens_seen < train_tokens:
                       "tokens_per_sec": tokens_per_sec, "mfu": mfu, "attn_fraction": attn_fraction,
                       "flops_per_token": flops_per_token, "peak_mem_gb": peak_memory_gib(device_type),
                       "elapsed_s": elapsed, "eta_s": eta}
+            if optimizer == "muon":
+                record["muon_lr"] = peak_muon_lr * multiplier
             if sums:
                 record["param_checksum"], record["batch_checksum"] = sums
             log_record(record)

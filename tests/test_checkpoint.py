@@ -9,6 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
+import optim  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 
@@ -16,7 +17,7 @@ def small_state():
     """A state shaped like train.py's: model weights, AdamW state after one step, plain numbers."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=256, n_layer=2, n_head=2, d_model=32, block_size=16))
-    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = optim.make_optimizer(model, "adamw", "float32", 1e-3, (0.9, 0.95), 0.1, 0, "cpu")
     model(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))[1].backward()
     opt.step()
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1, "tokens_seen": 32}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import optim  # noqa: E402
 from data import cu_seqlens_of  # noqa: E402
 from model import (ModelConfig, Transformer, LinearCrossEntropy, deepnet_constants, doc_cu_seqlens,  # noqa: E402
                    doc_causal_block_mask, gpu_peak_tflops)
@@ -226,7 +227,7 @@ def test_smoke_model_memorizes_a_batch():
     ln(vocab) = 6.24."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**load_preset("smoke"), "vocab_size": 512, "block_size": 64}))
-    opt = model.configure_optimizer(weight_decay=0.1, lr=3e-3, betas=(0.9, 0.95), device_type="cpu")
+    opt = optim.make_optimizer(model, "adamw", "float32", 3e-3, (0.9, 0.95), 0.1, 0, "cpu")
     seq = torch.randint(0, 512, (4, 65))
     x, y = seq[:, :-1], seq[:, 1:]
     doc = torch.zeros(4, 64, dtype=torch.long)
@@ -338,7 +339,7 @@ def test_num_params_flops_and_optimizer():
     assert model.num_params(non_embedding=True) == model.num_params() - V * 64
     want = 6 * (model.num_params(non_embedding=True) + V * 64) + 12 * cfg.n_layer * 64 * 256 * 0.5
     assert model.flops_per_token(256) == want
-    opt = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    opt = optim.make_optimizer(model, "adamw", "float32", 1e-3, (0.9, 0.95), 0.1, 0, "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
