@@ -2,9 +2,10 @@
 Checkpoint files of a run: `out_dir/ckpt-NNNNNNNN.pt`, NNNNNNNN being the optimizer step. Used by train.py, sample.py
 and export.py.
 
-    save(obj, out_dir, step, keep_last)  torch.save to ckpt-NNNNNNNN.pt.tmp, fsync, rename; then delete all but the
-                                         newest keep_last. A crash mid-save, even kill -9, leaves only a .tmp file,
-                                         which nothing reads, and the previous checkpoints intact.
+    save(obj, out_dir, step, keep_last, keep_step=None)  torch.save to ckpt-NNNNNNNN.pt.tmp, fsync, rename; then
+                                         delete all but the newest keep_last, and the one of step keep_step (the best
+                                         so far, with keep_best). A crash mid-save, even kill -9, leaves only a .tmp
+                                         file, which nothing reads, and the previous checkpoints intact.
     latest(out_dir) -> path or None      the newest complete checkpoint
     load(path) -> dict                   verify the checksums, then torch.load(mmap=True, weights_only=True) on the
                                          CPU, or one clear error: the tensors stay in the file's page cache, so the
@@ -53,8 +54,9 @@ def latest(out_dir):
     return found[-1] if found else None
 
 
-def save(obj, out_dir, step, keep_last):
-    """Write obj as out_dir/ckpt-<step>.pt atomically, then keep only the newest keep_last checkpoints."""
+def save(obj, out_dir, step, keep_last, keep_step=None):
+    """Write obj as out_dir/ckpt-<step>.pt atomically, then keep only the newest keep_last checkpoints and that of
+    keep_step, if any."""
     os.makedirs(out_dir, exist_ok=True)
     path = path_for(out_dir, step)
     tmp = path + ".tmp"
@@ -68,8 +70,10 @@ def save(obj, out_dir, step, keep_last):
     finally:
         torch.serialization.set_crc32_options(compute_crc32)
     durable.replace(tmp, path)  # readers see the old set of files or the new one, never half a file
+    kept = path_for(out_dir, keep_step) if keep_step is not None else None
     for old in all_checkpoints(out_dir)[:-keep_last]:
-        os.remove(old)
+        if old != kept:
+            os.remove(old)
     for stale in glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt.tmp")):  # left by a crash mid-save
         os.remove(stale)
     return path

@@ -63,6 +63,9 @@ init_from = "auto"  # 'scratch' | 'resume' | 'auto' (resume when out_dir has a c
 save_strategy = "steps"  # periodic checkpoints: 'steps' (every save_interval) | 'epoch' (train data wrapped) | 'no'
 save_interval = 1000  # steps between checkpoints; the end of the run, max_steps and SIGTERM always save
 keep_last = 3  # checkpoints kept in out_dir; older ones are deleted
+keep_best = False  # also keep the checkpoint of the lowest mean validation loss, saved at its evaluation
+divergence_margin = 1.0  # stop (exit 1) when the train loss's short EMA (0.1) rises this far above its long EMA
+#                          (0.01), at a log point; 0 = off
 eval_interval = 1000  # steps between validation passes (0 = only at the end of the schedule)
 eval_iters = 20  # validation batches per rank and subset (the same fixed blocks every time), at most one pass
 log_interval = 10  # steps between log lines and log.jsonl records
@@ -185,6 +188,8 @@ for minimum, keys in ((1, ("batch_size", "grad_accum", "block_size", "keep_last"
         die(f"{', '.join(f'{k}={cfg[k]}' for k in keys if cfg[k] < minimum)}: {', '.join(keys)} must be >= {minimum}")
 if not 0 < decay_frac <= 1:
     die(f"decay_frac={decay_frac} must be in (0, 1]: the share of train_tokens that lr_schedule='wsd' decays over")
+if divergence_margin < 0:
+    die(f"divergence_margin={divergence_margin} must be >= 0 (0 turns the divergence stop off)")
 if step_cadence <= 0:
     die(f"step_cadence={step_cadence} must be > 0 (it multiplies the log, eval and save intervals)")
 if dist_timeout_s < 0 or save_timeout_s <= 0:
@@ -440,8 +445,11 @@ if ckpt:
 
 
 step, tokens_seen = 0, 0
+best = None  # {"step", "val_loss"}: the evaluation with the lowest mean validation loss so far
+loss_ema = None  # {"short", "long"}: moving averages of the logged train loss, for the divergence stop
 if ckpt:
     step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
+    best, loss_ema = ckpt.get("best"), ckpt.get("loss_ema")
     if restore_data_state:
         for loader in train_loaders:
             loader.load_state_dict(ckpt["data_states"][loader.rank])
@@ -473,9 +481,9 @@ def save_checkpoint():
             "model": {k.replace("_orig_mod.", ""): v for k, v in model_state.items()},
             "optimizer": opt_state, "step": step, "tokens_seen": tokens_seen,
             "model_config": dataclasses.asdict(model_config), "config": cfg, "world_size": world_size,
-            "data_states": data_states, "rng_states": rng_states,
+            "data_states": data_states, "rng_states": rng_states, "best": best, "loss_ema": loss_ema,
         }
-        path = checkpoint.save(state, out_dir, step, keep_last)
+        path = checkpoint.save(state, out_dir, step, keep_last, keep_step=best["step"] if keep_best and best else None)
         print0(f"saved {path}")
     if ddp:
         dist.barrier(group=save_group)
@@ -619,6 +627,14 @@ def start_log(step):
                     pass
     with open(path, "w") as f:
         f.writelines(kept)
+
+
+def update_loss_ema(ema, loss):
+    """The short (weight 0.1) and long (0.01) exponential moving averages of the train loss at log points, both
+    starting at the first loss: a loss that climbs for a while lifts the short one above the long one."""
+    if ema is None:
+        return {"short": loss, "long": loss}
+    return {"short": ema["short"] + 0.1 * (loss - ema["short"]), "long": ema["long"] + 0.01 * (loss - ema["long"])}
 
 
 def fmt_time(seconds):
@@ -772,11 +788,23 @@ while step < stop_step and tokens_seen < train_tokens:
             print(f"step {step}/{stop_step} | loss {loss:.4f} | lr {lr_now:.2e} | norm {grad_norm.item():.3f} | "
                   f"{tokens_per_sec:,.0f} tok/s{mfu_text} | mem {record['peak_mem_gb']:.2f} GB | "
                   f"{fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}", flush=True)
+        if divergence_margin:  # every rank: loss is the mean over ranks, so they reach the same verdict
+            loss_ema = update_loss_ema(loss_ema, loss)
+            if loss_ema["short"] - loss_ema["long"] > divergence_margin:
+                die(f"the train loss is diverging at step {step}: its short moving average {loss_ema['short']:.4f} "
+                    f"(EMA 0.1) is more than divergence_margin={divergence_margin:g} above its long one "
+                    f"{loss_ema['long']:.4f} (EMA 0.01). Stopped without saving; the last checkpoint is "
+                    f"{checkpoint.latest(out_dir) or '(none)'}: resume from it with a lower --lr (or "
+                    f"--divergence_margin=0 to train on).")
     if eval_now:
-        losses = evaluate()
+        losses = evaluate()  # the same numbers on every rank (all-reduced), so all agree on a new best
         if master:
             log_record({"step": step, "tokens": tokens_seen, **losses})
             print("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
+        mean_val = sum(v for k, v in losses.items() if k.startswith("val_loss/")) / len(subsets)
+        if keep_best and (best is None or mean_val < best["val_loss"]):
+            best, save_now = {"step": step, "val_loss": mean_val}, True  # saved now, kept through rotation
+            print0(f"best | mean val loss {mean_val:.4f} at step {step}: kept as {checkpoint.path_for(out_dir, step)}")
     if sample_now:
         samples = sample_text()
         if master:

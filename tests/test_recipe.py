@@ -181,3 +181,47 @@ def test_val_bpb_equals_a_hand_computation(prepared_data, tmp_path):
         assert logged[f"val_bpb/{subset}"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-5)
         assert logged[f"val_loss/{subset}"] == pytest.approx(loss_sum / 2, rel=1e-5)
         assert boundaries > 0  # the batches do hold document boundaries, which bpb leaves out
+
+
+def checkpoint_steps(out_dir):
+    return [int(p[-11:-3]) for p in checkpoint.all_checkpoints(str(out_dir))]
+
+
+def test_keep_best_survives_rotation_and_resume(prepared_data, tmp_path):
+    """keep_best: the checkpoint of the lowest mean validation loss stays beside the newest keep_last, also after a
+    resume whose evaluations are worse (an LR that wrecks the weights) and a second resume."""
+    args = TINY + ["--batch_size=2", "--train_tokens=4096", "--eval_interval=2", "--save_interval=2",
+                   "--keep_last=1", "--keep_best=True"]
+    proc = train(tmp_path, prepared_data, *args, "--max_steps=4")
+    assert "best | mean val loss" in proc.stdout and checkpoint_steps(tmp_path) == [4]
+    val = records(tmp_path, "val_loss/cosmopedia-v2")
+    best_step = min(val, key=lambda s: val[s]["val_loss/cosmopedia-v2"] + val[s]["val_loss/fineweb-edu-dedup"])
+    assert best_step == 4
+    wreck = ["--lr=1.0", "--min_lr=0.1", "--divergence_margin=0"]
+    train(tmp_path, prepared_data, *args, *wreck, "--max_steps=8")
+    val = records(tmp_path, "val_loss/cosmopedia-v2")
+    assert val[8]["val_loss/cosmopedia-v2"] > val[4]["val_loss/cosmopedia-v2"]  # the later evaluations are worse
+    assert checkpoint_steps(tmp_path) == [4, 8]  # the best, and the newest one (keep_last=1)
+    assert checkpoint.load(checkpoint.latest(str(tmp_path)))["best"]["step"] == 4
+    proc = train(tmp_path, prepared_data, *args, *wreck, "--max_steps=10")
+    assert "best |" not in proc.stdout and checkpoint_steps(tmp_path) == [4, 10], proc.stdout
+
+
+def test_divergence_stop_fires_and_keeps_the_checkpoints_before_it(prepared_data, tmp_path):
+    """A run whose loss climbs (resumed with an LR that wrecks the weights) stops with exit status 1 at the log point
+    where the short loss average passes the long one by the margin, naming the step and both averages; the
+    checkpoint before the spike stays, and none is written after it."""
+    args = TINY + ["--batch_size=2", "--train_tokens=4096", "--eval_interval=0", "--save_interval=2"]
+    train(tmp_path, prepared_data, *args, "--max_steps=4")
+    assert checkpoint.load(checkpoint.latest(str(tmp_path)))["loss_ema"]["short"] > 0  # carried over the resume
+    proc = train(tmp_path, prepared_data, *args, "--lr=1.0", "--min_lr=0.1", "--divergence_margin=0.5", ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    logged = records(tmp_path)
+    stopped = max(logged)
+    assert 5 <= stopped < 32 and f"the train loss is diverging at step {stopped}" in proc.stdout
+    assert "(EMA 0.1) is more than divergence_margin=0.5 above its long one" in proc.stdout
+    assert logged[stopped]["loss"] > logged[4]["loss"] + 1
+    assert checkpoint_steps(tmp_path)[-1] < stopped and "ckpt-00000004.pt" in proc.stdout
+    # the same climb with the stop turned off trains on
+    proc = train(tmp_path, prepared_data, *args, "--lr=1.0", "--min_lr=0.1", "--divergence_margin=0", "--max_steps=8")
+    assert checkpoint_steps(tmp_path)[-1] == 8
