@@ -19,18 +19,22 @@ every document opens with the end-of-text token. Null and empty texts are skippe
 Crash-safe: every shard is written under a .tmp name, fsynced and renamed when complete (the directory fsynced too, so
 a power cut cannot lose the rename), and meta.json is rewritten atomically after each source file; a rerun skips
 finished files and redoes an unfinished one, giving output byte-identical to an uninterrupted run. Killed, even by
-SIGKILL, prepare.py takes its worker processes with it; SIGTERM shuts the pool down and exits 143.
+SIGKILL, prepare.py takes its worker processes with it. SIGTERM and SIGINT (Ctrl-C), to prepare.py running or
+suspended, stop it at once with exit status 143 / 130 and a one-line message; a signal that comes while a file's
+shards and meta.json are being renamed into place waits until they all are, so they change together.
 """
 import argparse
 import errno
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,7 @@ SUBSETS = ("cosmopedia-v2", "fineweb-edu-dedup")
 READ_BATCH_ROWS = 1024   # rows per parquet record batch: bounds memory whatever the file size
 TOKENIZE_CHUNK_ROWS = 256  # rows per task sent to a worker process
 VAL_MAX_SHARE = 0.1  # val takes at most this share of a subset's first file, so a small corpus keeps its train data
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # docker stop, systemd, Slurm; Ctrl-C
 
 
 class PrepareError(Exception):
@@ -69,12 +74,14 @@ def get_encoding():
 def die_with_parent(parent_pid):
     """Worker initializer: the kernel kills this worker when prepare.py dies, even by SIGKILL (Linux
     prctl(PR_SET_PDEATHSIG)), so no worker outlives it, tokenizing for nobody and holding its stdout/stderr open.
-    Ctrl-C is left to the parent, which shuts the pool down."""
+    Ctrl-C (sent to the whole process group) is left to the parent, which kills the workers; SIGTERM kills a worker
+    outright (fork copied the parent's handler, which is for prepare.py itself)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG, linux/prctl.h
-    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM handler still shuts the pool down
+    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM/SIGINT handler still kills the workers
         pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
@@ -199,7 +206,8 @@ def tokenized_chunks(pf, pool, workers):
 
 
 class ShardWriter:
-    """Appends documents to <name>.bin.tmp / <name>.idx.tmp; commit() renames both into place."""
+    """Appends documents to <name>.bin.tmp / <name>.idx.tmp; close() finishes and fsyncs both, commit() renames them
+    into place."""
 
     def __init__(self, directory, name):
         self.bin_path, self.idx_path = directory / f"{name}.bin", directory / f"{name}.idx"
@@ -213,7 +221,8 @@ class ShardWriter:
         self.tokens += int(lengths.sum())
         self.docs += len(lengths)
 
-    def commit(self):
+    def close(self):
+        """Write the index and fsync both .tmp files (the slow part, kept out of commit) -> {"docs", "tokens"}."""
         self.bin.flush()
         os.fsync(self.bin.fileno())
         self.bin.close()
@@ -221,13 +230,16 @@ class ShardWriter:
             np.concatenate(self.offsets).tofile(f)
             f.flush()
             os.fsync(f.fileno())
+        return {"docs": self.docs, "tokens": self.tokens}
+
+    def commit(self):
         durable.replace(f"{self.bin_path}.tmp", self.bin_path)
         durable.replace(f"{self.idx_path}.tmp", self.idx_path)
-        return {"docs": self.docs, "tokens": self.tokens}
 
 
 def tokenize_file(pf, out_dir, shard_name, val_docs, pool, workers, progress):
-    """Tokenize one parquet file into its train shard (and, for a subset's first file, the val shard)."""
+    """Tokenize one parquet file into its train shard (and, for a subset's first file, the val shard), on disk under
+    .tmp names -> (the shards' writers, for the caller to commit; {"train": counts, "val": counts, "skipped_docs"})."""
     val = ShardWriter(out_dir, "val") if val_docs else None
     train = ShardWriter(out_dir, shard_name)
     skipped = 0
@@ -240,10 +252,10 @@ def tokenize_file(pf, out_dir, shard_name, val_docs, pool, workers, progress):
             val.write(tokens[:split], lengths[:k])
             tokens, lengths = tokens[split:], lengths[k:]
         train.write(tokens, lengths)
-    result = {"train": train.commit(), "skipped_docs": skipped}
+    result = {"train": train.close(), "skipped_docs": skipped}
     if val is not None:
-        result["val"] = val.commit()
-    return result
+        result["val"] = val.close()
+    return [train] + ([val] if val is not None else []), result
 
 
 # ----------------------------------------------------------------------------- meta.json and progress
@@ -356,7 +368,7 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
                 if wanted_val < val_docs:
                     progress.warn(f"{rel} has {pf.metadata.num_rows} rows: val takes {wanted_val} documents (at most "
                                   f"{VAL_MAX_SHARE:.0%} of a subset's first file), not --val-docs {val_docs}")
-            result = tokenize_file(pf, out / subset, f"train-{i:05d}", wanted_val, pool, workers, progress)
+            writers, result = tokenize_file(pf, out / subset, f"train-{i:05d}", wanted_val, pool, workers, progress)
             shards = meta["subsets"][subset]["shards"]
             shards[:] = [sh for sh in shards if sh["source"] != rel]  # a redone shard replaces its old entry
             shards.append({"name": f"train-{i:05d}", "source": rel, **result["train"],
@@ -368,7 +380,10 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
                     progress.warn(f"{rel} has {result['val']['docs'] + result['train']['docs']} documents: "
                                   f"{result['val']['docs']} went to val and {result['train']['docs']} to train "
                                   f"(--val-docs {val_docs})")
-            write_json_atomic(out / "meta.json", meta)
+            with signals_deferred():  # SIGTERM/SIGINT stop before this file's shards and meta.json change or after
+                for writer in writers:
+                    writer.commit()
+                write_json_atomic(out / "meta.json", meta)
             if source == "hf" and not keep_parquet:
                 local.unlink()  # disk holds tokens, not both
             progress.file_finished()
@@ -386,10 +401,47 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
     return meta
 
 
-def stop_on_sigterm(signum, frame):
-    """SIGTERM (docker stop, systemd, Slurm): unwind through prepare()'s finally, which shuts the worker pool down."""
-    print(f"\nprepare.py: stopped by {signal.Signals(signum).name}; rerun the same command to resume", file=sys.stderr)
-    raise SystemExit(128 + signum)
+# ----------------------------------------------------------------------------- stopping on SIGTERM and SIGINT
+
+_deferring = False  # inside signals_deferred(): a stop signal is only recorded in _pending
+_pending = []
+
+
+def on_stop_signal(signum, frame):
+    if _deferring:
+        _pending.append(signum)
+    else:
+        stop(signum)
+
+
+def stop(signum):
+    """Exit at once with 128 + signum, killing the workers; the .tmp files left behind are redone by a rerun.
+
+    Nothing is raised into the interrupted code: the main thread may be anywhere, inside concurrent.futures holding
+    the locks that shutting the pool down needs (a hang), in a fork hook that swallows exceptions, or in a print to
+    stderr (which cannot be reentered, hence os.write)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a second Ctrl-C meanwhile adds no second message
+    message = f"\nprepare.py: stopped by {signal.Signals(signum).name}; rerun the same command to resume\n"
+    try:
+        os.write(2, message.encode())
+        for child in multiprocessing.active_children():  # on Linux they would die with prepare.py anyway
+            child.kill()
+    except Exception:  # whatever fails here (stderr closed, a worker just gone), exit all the same
+        pass
+    os._exit(128 + signum)
+
+
+@contextmanager
+def signals_deferred():
+    """SIGTERM and SIGINT wait until the block is done, so its renames happen all or none."""
+    global _deferring
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        if _pending:
+            stop(_pending[0])
 
 
 def main(argv=None):
@@ -406,7 +458,8 @@ def main(argv=None):
     p.add_argument("--keep-parquet", action="store_true", help="keep downloaded parquet files after tokenizing")
     p.add_argument("--revision", default=REVISION, help="hub revision (commit) to download")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_stop_signal)
     subsets = [s for s in (args.subsets or ",".join(SUBSETS)).split(",") if s]
     unknown = [s for s in subsets if s not in SUBSETS]
     try:

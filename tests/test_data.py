@@ -140,9 +140,18 @@ def test_a_deleted_shard_is_redone_by_a_rerun(tmp_path):
 
 
 def descendants(pid):
+    """Every process below pid. Threads and processes come and go while /proc is read: one gone meanwhile is skipped."""
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in map(int, (task / "children").read_text().split()):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return found
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for child in map(int, children):
             found += [child] + descendants(child)
     return found
 
@@ -170,6 +179,113 @@ def test_killed_prepare_takes_its_workers_with_it(tmp_path, sig):
     while any(process_state(w) not in (None, "Z") for w in workers) and time.time() < deadline:
         time.sleep(0.01)
     assert [w for w in workers if process_state(w) not in (None, "Z")] == [], "a worker outlived prepare.py"
+
+
+@pytest.fixture
+def busy_machine():
+    """Two processes spinning on the CPU beside the test, as on a loaded machine: prepare.py's main thread is then
+    preempted anywhere, so a signal lands inside library code (concurrent.futures, print, a rename) too."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
+def start_prepare(*args):
+    """prepare.py in the background -> (process, its stderr lines so far, reader thread, event set at its first
+    line). The thread drains stderr, so the pipe never fills and blocks prepare.py; it ends at EOF, once prepare.py
+    and every worker (they inherit stderr) have exited."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines, first_line = [], threading.Event()
+
+    def drain():
+        for line in proc.stderr:
+            lines.append(line)
+            first_line.set()
+        first_line.set()
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    return proc, lines, reader, first_line
+
+
+def half_renamed_shards(out):
+    """Shards with their .bin in place but not their .idx, or the other way round."""
+    stems = {p.with_suffix("") for ext in ("bin", "idx") for p in Path(out).glob(f"*/*.{ext}")}
+    return [str(s) for s in sorted(stems) if s.with_suffix(".bin").exists() != s.with_suffix(".idx").exists()]
+
+
+def test_sigterm_and_sigint_stop_prepare_cleanly_at_any_point(tmp_path, busy_machine):
+    """SIGTERM (docker stop, systemd, Slurm) and SIGINT (Ctrl-C), sent to prepare.py running or suspended (Ctrl-Z,
+    then bash's `kill %1`: SIGSTOP, the signal, SIGCONT), at many points of its work on a loaded machine: it exits
+    at once with 128 + the signal, one message and no traceback, takes its workers with it, leaves no shard
+    half-renamed, and a rerun finishes the job byte for byte."""
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [500, 500], "fineweb-edu-dedup": [500, 500]}, seed=9,
+                     words=(200, 600))
+    args = ["--source", tmp_path / "hub", "--val-docs", 10, "--workers", 2]
+    proc, lines, reader, first_line = start_prepare(*args, "--out", tmp_path / "clean")
+    try:
+        assert first_line.wait(60)
+        start = time.time()
+        returncode = proc.wait(120)
+        work_s = time.time() - start  # from the first stderr line (printed once the signal handlers are set) to the end
+    finally:
+        proc.kill()
+    reader.join(10)
+    assert returncode == 0, "".join(lines)
+    cases = [(sig, suspended) for sig in (signal.SIGTERM, signal.SIGINT) for suspended in (False, True)]
+    points = 4  # per case, interleaved: together 16 points spread over the first 75% of the work
+    stopped = []
+    for k in range(points * len(cases)):
+        sig, suspended = cases[k % len(cases)]
+        delay = 0.75 * work_s * (k + 0.5) / (points * len(cases))
+        name = f"{sig.name}{' (suspended)' if suspended else ''} {delay:.2f} s into the work"
+        out = tmp_path / f"stopped-{k}"
+        proc, lines, reader, first_line = start_prepare(*args, "--out", out)
+        try:
+            assert first_line.wait(60)
+            time.sleep(delay)
+            workers = descendants(proc.pid)
+            if suspended:
+                proc.send_signal(signal.SIGSTOP)
+                while process_state(proc.pid) not in ("T", "t", "Z", None):
+                    time.sleep(0.001)
+            proc.send_signal(sig)
+            if suspended:
+                proc.send_signal(signal.SIGCONT)
+            reader.join(60)  # a loaded machine is slow, but the stop itself should take well under a second
+            assert not reader.is_alive(), f"{name}: prepare.py or a worker still runs 60 s later:\n{''.join(lines)}"
+            returncode = proc.wait(10)
+        finally:
+            proc.kill()
+            proc.wait()
+        stderr = "".join(lines)
+        assert "Traceback" not in stderr and stderr.count("stopped by") <= 1, f"{name}:\n{stderr}"
+        if "[prepare] done" in stderr:
+            # the signal came after the work (the machine busier than for the clean run): exit 0, or stopped on the
+            # way out, by the handler or, once the exiting interpreter has reset it, by the signal itself
+            assert returncode in (0, 128 + sig, -sig), f"{name}: exit status {returncode}\n{stderr}"
+        else:
+            message = f"prepare.py: stopped by {sig.name}; rerun the same command to resume"
+            assert returncode == 128 + sig and message in stderr, f"{name}: exit status {returncode}\n{stderr}"
+            stopped.append(out)
+        deadline = time.time() + 10
+        while any(process_state(w) not in (None, "Z") for w in workers) and time.time() < deadline:
+            time.sleep(0.01)
+        assert [w for w in workers if process_state(w) not in (None, "Z")] == [], f"{name}: a worker outlived it"
+        assert half_renamed_shards(out) == [], name
+        if (out / "meta.json").exists():  # every shard it lists is on disk
+            meta = json.loads((out / "meta.json").read_text())
+            assert all((out / s / f"{sh['name']}{ext}").exists() for s in meta["subsets"]
+                       for sh in meta["subsets"][s]["shards"] for ext in (".bin", ".idx")), name
+    assert len(stopped) >= 8, f"only {len(stopped)} runs were still working when signalled; make the fixture bigger"
+    # a rerun of one stopped in the middle of a shard, with earlier shards finished, gives the uninterrupted output
+    middle = [o for o in stopped if (o / "meta.json").exists() and list(o.rglob("*.tmp"))] or stopped[-1:]
+    run_prepare(*args, "--out", middle[0])
+    assert tree_bytes(middle[0]) == tree_bytes(tmp_path / "clean")
 
 
 def test_prepare_input_errors(tmp_path):
