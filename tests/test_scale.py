@@ -161,6 +161,11 @@ def test_optimizers_never_read_a_device_value(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     run_steps(optim.AdamW, [p.detach().bfloat16().requires_grad_() for p in params], grads)
     run_steps(optim.Adafactor, params, grads)
+    muon = optim.Muon([{"params": params[:1], "muon": True}, {"params": params[1:]}])  # Muon and its AdamW part
+    for g in grads:
+        for p, gp in zip(params, g):
+            p.grad = gp.clone()
+        muon.step()
     with pytest.raises(AssertionError, match="host-device sync"):  # the check bites: torch's Adafactor syncs
         run_steps(torch.optim.Adafactor, params, grads)
 
