@@ -524,7 +524,7 @@ def evaluate():
                 _, per_token = model(x, y, doc_ids, cu_seqlens, per_token=True)
             sums[0] += per_token.mean()
             if token_bytes is not None:
-                sums[1] += per_token[y != eot_token].sum()
+                sums[1] += (per_token * (y != eot_token)).sum()  # a product, not a mask index: no sync
                 sums[2] += token_bytes[y].sum()  # <|endoftext|> counts 0 bytes
         if ddp:
             dist.all_reduce(sums)
