@@ -225,3 +225,20 @@ def test_divergence_stop_fires_and_keeps_the_checkpoints_before_it(prepared_data
     # the same climb with the stop turned off trains on
     proc = train(tmp_path, prepared_data, *args, "--lr=1.0", "--min_lr=0.1", "--divergence_margin=0", "--max_steps=8")
     assert checkpoint_steps(tmp_path)[-1] == 8
+
+
+def test_a_wsd_run_extends_from_a_stable_phase_checkpoint(prepared_data, tmp_path):
+    """Resumed during the stable phase with a larger train_tokens, a WSD run stays at its peak LR longer and decays
+    at the end of the new budget: the README's way to continue a finished run."""
+    args = TINY + ["--batch_size=2", "--warmup_tokens=256", "--lr_schedule=wsd", "--decay_frac=0.5",
+                   "--eval_interval=0", "--save_interval=2", "--keep_last=10"]
+    train(tmp_path / "short", prepared_data, *args, "--train_tokens=1024")  # 8 steps, decaying from step 5
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "ckpt-00000002.pt").write_bytes((tmp_path / "short" / "ckpt-00000002.pt").read_bytes())
+    train(tmp_path / "long", prepared_data, *args, "--train_tokens=2048")  # 16 steps, decaying from step 9
+    short, long = records(tmp_path / "short"), records(tmp_path / "long")
+    assert sorted(long) == list(range(3, 17))
+    peak = short[2]["lr"]
+    assert short[8]["lr"] < peak and long[8]["lr"] == peak and long[16]["lr"] < long[12]["lr"] < peak
+    for s in range(3, 17):  # the schedule of a 2048-token run from step 3 on
+        assert long[s]["lr"] == pytest.approx(wsd_lr((s - 1) * 128, peak, 0.1, 256, 2048, 0.5, 128), rel=1e-9), s
