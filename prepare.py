@@ -2,10 +2,13 @@
 
     python prepare.py                                    # whole corpus from the hub (~672 GB parquet, ~250B tokens)
     python prepare.py --fraction 0.01                    # first 1% of each subset's files (keeps the proportions)
+    python prepare.py --docs 2000 --out data/sample      # first 2,000 documents of each subset: megabytes, not GB
     python prepare.py --source /path/to/local/copy       # a local dir laid out like the hub repo
 
 Reads `HuggingFaceTB/smollm-corpus` (subsets cosmopedia-v2 and fineweb-edu-dedup, at a pinned revision),
-file by file, or a local directory with the same layout (`<subset>/train-NNNNN-of-MMMMM.parquet`).
+file by file, or a local directory with the same layout (`<subset>/train-NNNNN-of-MMMMM.parquet`). With --docs N
+only the first N documents of each subset are read, from its first file(s): from the hub with HTTP range requests
+(the parquet footer, then only the row groups that hold them), so a sample costs megabytes, not whole files.
 Writes, under --out (default data/smollm):
 
     meta.json                          tokenizer, vocab, dtype, and per shard: source file, documents, tokens
@@ -50,6 +53,7 @@ READ_BATCH_ROWS = 1024   # rows per parquet record batch: bounds memory whatever
 TOKENIZE_CHUNK_ROWS = 256  # rows per task sent to a worker process
 VAL_MAX_SHARE = 0.1  # val takes at most this share of a subset's first file, so a small corpus keeps its train data
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # docker stop, systemd, Slurm; Ctrl-C
+RANGE_BLOCK_BYTES = 1 << 18  # --docs from the hub: the least bytes an HTTP range request fetches
 
 
 class PrepareError(Exception):
@@ -173,26 +177,75 @@ def fetch(source, rel_path, download_dir, revision):
                            f"Rerun to resume, or use --source DIR with a local copy of the files") from None
 
 
+def open_remote(rel_path, revision):
+    """A read-only file object over one hub file that fetches only the byte ranges read from it (HTTP range requests
+    through huggingface_hub's file system), for --docs: pyarrow then reads the footer and the row groups it needs."""
+    from huggingface_hub import HfFileSystem
+    try:
+        return HfFileSystem().open(f"datasets/{REPO_ID}@{revision}/{rel_path}", "rb", block_size=RANGE_BLOCK_BYTES)
+    except Exception as e:
+        raise PrepareError(f"cannot open {rel_path} in {REPO_ID}@{revision}: {type(e).__name__}: {e}\n"
+                           f"Rerun to resume, or use --source DIR with a local copy of the files") from None
+
+
+def first_docs_files(source, files, docs, revision):
+    """--docs: {subset: [(relative path, rows to read)]}, the fewest first files of each subset that hold `docs`
+    rows (null and empty texts count as rows, as a full prepare skips them too). Reads only footers."""
+    plan = {}
+    for subset, paths in files.items():
+        plan[subset], left = [], docs
+        for rel in paths:
+            with open_source(source, rel, revision) as pf:
+                rows = pf.metadata.num_rows
+            plan[subset].append((rel, min(rows, left)))
+            left -= min(rows, left)
+            if not left:
+                break
+    return plan
+
+
+@contextmanager
+def open_source(source, rel, revision, download_dir=None):
+    """The ParquetFile of one source file: local, downloaded whole into download_dir, or (download_dir None, hub)
+    read by ranges."""
+    if source != "hf":
+        pf = open_parquet(Path(source) / rel)
+        yield pf
+    elif download_dir is None:
+        with open_remote(rel, revision) as f:
+            yield open_parquet(f, name=f"{REPO_ID}/{rel}")
+    else:
+        yield open_parquet(fetch(source, rel, download_dir, revision))
+
+
 # ----------------------------------------------------------------------------- writing shards
 
-def open_parquet(path):
-    """The parquet file at path, checked to be readable and to have a `text` column."""
+def open_parquet(path, name=None):
+    """The parquet file at path (or in a file object), checked to be readable and to have a `text` column."""
+    name = name or path
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
-        raise PrepareError(f"{path}: not a readable parquet file ({e}); delete it and rerun") from None
+        raise PrepareError(f"{name}: not a readable parquet file ({e}); delete it and rerun") from None
     if "text" not in pf.schema_arrow.names:
-        raise PrepareError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); "
+        raise PrepareError(f"{name}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); "
                            f"is this a smollm-corpus file?")
     return pf
 
 
-def tokenized_chunks(pf, pool, workers):
-    """Yield (tokens, lengths, skipped) per chunk, in file order, with at most 2 x workers chunks in flight.
-    Reads one record batch at a time (only the `text` column)."""
+def tokenized_chunks(pf, pool, workers, rows):
+    """Yield (tokens, lengths, skipped) per chunk of the file's first `rows` rows, in file order, with at most
+    2 x workers chunks in flight. Reads one record batch at a time (only the `text` column), and only the row
+    groups that hold those rows."""
     pending = deque()
-    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=["text"]):
-        texts = batch.column(0).to_pylist()
+    groups, covered = [], 0
+    while covered < rows:
+        covered += pf.metadata.row_group(len(groups)).num_rows
+        groups.append(len(groups))
+    left = rows
+    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=["text"]):
+        texts = batch.column(0).to_pylist()[:left]
+        left -= len(texts)
         for i in range(0, len(texts), TOKENIZE_CHUNK_ROWS):
             chunk = texts[i:i + TOKENIZE_CHUNK_ROWS]
             if pool is None:
@@ -237,13 +290,14 @@ class ShardWriter:
         durable.replace(f"{self.idx_path}.tmp", self.idx_path)
 
 
-def tokenize_file(pf, out_dir, shard_name, val_docs, pool, workers, progress):
-    """Tokenize one parquet file into its train shard (and, for a subset's first file, the val shard), on disk under
-    .tmp names -> (the shards' writers, for the caller to commit; {"train": counts, "val": counts, "skipped_docs"})."""
+def tokenize_file(pf, rows, out_dir, shard_name, val_docs, pool, workers, progress):
+    """Tokenize the first `rows` rows of one parquet file into its train shard (and, for a subset's first file, the
+    val shard), on disk under .tmp names -> (the shards' writers, for the caller to commit; {"train": counts,
+    "val": counts, "skipped_docs"})."""
     val = ShardWriter(out_dir, "val") if val_docs else None
     train = ShardWriter(out_dir, shard_name)
     skipped = 0
-    for tokens, lengths, n_skipped in tokenized_chunks(pf, pool, workers):
+    for tokens, lengths, n_skipped in tokenized_chunks(pf, pool, workers, rows):
         skipped += n_skipped
         progress.update(len(lengths) + n_skipped, int(lengths.sum()))
         if val is not None and val.docs < val_docs:  # the first val_docs documents go to val
@@ -270,18 +324,20 @@ def write_json_atomic(path, obj):
     durable.replace(tmp, path)
 
 
-def load_or_new_meta(out, source, revision, files, val_docs):
+def load_or_new_meta(out, source, revision, files, val_docs, docs):
     enc = get_encoding()
     fresh = {"tokenizer": TOKENIZER, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16",
              "source": REPO_ID if source == "hf" else "local", "revision": revision if source == "hf" else None,
              "val_docs": val_docs, "subsets": {s: {"files": len(paths), "shards": []} for s, paths in files.items()}}
+    if docs:
+        fresh["docs"] = docs
     path = out / "meta.json"
     if not path.exists():
         return fresh
     meta = json.loads(path.read_text())
-    for key in ("tokenizer", "val_docs", "source", "revision"):
-        if meta.get(key) != fresh[key]:
-            raise PrepareError(f"{path} was written with {key}={meta.get(key)!r}, this run has {fresh[key]!r}; "
+    for key in ("tokenizer", "val_docs", "source", "revision", "docs"):
+        if meta.get(key) != fresh.get(key):
+            raise PrepareError(f"{path} was written with {key}={meta.get(key)!r}, this run has {fresh.get(key)!r}; "
                                f"use the same options to resume, or a new --out")
     for subset in files:  # a subset added on a later run starts with no shards
         meta["subsets"].setdefault(subset, fresh["subsets"][subset])
@@ -341,34 +397,42 @@ def shard_files_exist(out, subset, shard, meta):
     return all((out / subset / f"{name}{ext}").exists() for name in names for ext in (".bin", ".idx"))
 
 
-def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, revision, subsets_required=True):
+def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, revision, subsets_required=True,
+            docs=None):
     out = Path(out)
     files = list_source_files(source, subsets, revision, subsets_required)
     subsets = [s for s in subsets if s in files]
-    files = {s: paths[:math.ceil(fraction * len(paths))] for s, paths in files.items()}
+    if docs:  # {subset: [(path, rows)]}: rows of a file's start; None: the whole file
+        plan = first_docs_files(source, files, docs, revision)
+    else:
+        plan = {s: [(p, None) for p in paths[:math.ceil(fraction * len(paths))]] for s, paths in files.items()}
+    files = {s: [p for p, _ in entries] for s, entries in plan.items()}
     out.mkdir(parents=True, exist_ok=True)
-    meta = load_or_new_meta(out, source, revision, files, val_docs)
+    meta = load_or_new_meta(out, source, revision, files, val_docs, docs)
     done = {(s, sh["source"]) for s in meta["subsets"] for sh in meta["subsets"][s]["shards"]
             if shard_files_exist(out, s, sh, meta)}  # a shard deleted since (e.g. found corrupt) is redone
-    todo = [(s, i, p) for s in subsets for i, p in enumerate(files[s]) if (s, p) not in done]
+    todo = [(s, i, p, rows) for s in subsets for i, (p, rows) in enumerate(plan[s]) if (s, p) not in done]
     total = sum(len(p) for p in files.values())
     progress = Progress(total, total - len(todo))
     print(f"[prepare] {total} files ({', '.join(f'{s}: {len(p)}' for s, p in files.items())}), "
           f"{len(todo)} to do, {workers} workers -> {out}", file=sys.stderr)
     pool = ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) if workers > 1 else None
     try:
-        for subset, i, rel in todo:
+        for subset, i, rel, rows in todo:
             (out / subset).mkdir(exist_ok=True)
-            local = fetch(source, rel, out / "download", revision)
-            pf = open_parquet(local)
-            progress.start_file(pf.metadata.num_rows)
-            wanted_val = 0
-            if i == 0 and val_docs:  # deterministic (from the file's row count), so a rerun makes the same split
-                wanted_val = min(val_docs, max(1, int(VAL_MAX_SHARE * pf.metadata.num_rows)))
-                if wanted_val < val_docs:
-                    progress.warn(f"{rel} has {pf.metadata.num_rows} rows: val takes {wanted_val} documents (at most "
-                                  f"{VAL_MAX_SHARE:.0%} of a subset's first file), not --val-docs {val_docs}")
-            writers, result = tokenize_file(pf, out / subset, f"train-{i:05d}", wanted_val, pool, workers, progress)
+            download_dir = out / "download" if rows is None else None  # --docs reads ranges, downloads nothing
+            with open_source(source, rel, revision, download_dir) as pf:
+                read = f"has {pf.metadata.num_rows} rows" if rows is None else f"gives --docs {rows} rows"
+                rows = pf.metadata.num_rows if rows is None else rows
+                progress.start_file(rows)
+                wanted_val = 0
+                if i == 0 and val_docs:  # deterministic (from the rows read), so a rerun makes the same split
+                    wanted_val = min(val_docs, max(1, int(VAL_MAX_SHARE * rows)))
+                    if wanted_val < val_docs:
+                        progress.warn(f"{rel} {read}: val takes {wanted_val} documents (at most "
+                                      f"{VAL_MAX_SHARE:.0%} of a subset's first file), not --val-docs {val_docs}")
+                writers, result = tokenize_file(pf, rows, out / subset, f"train-{i:05d}", wanted_val, pool, workers,
+                                                progress)
             shards = meta["subsets"][subset]["shards"]
             shards[:] = [sh for sh in shards if sh["source"] != rel]  # a redone shard replaces its old entry
             shards.append({"name": f"train-{i:05d}", "source": rel, **result["train"],
@@ -384,8 +448,8 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
                 for writer in writers:
                     writer.commit()
                 write_json_atomic(out / "meta.json", meta)
-            if source == "hf" and not keep_parquet:
-                local.unlink()  # disk holds tokens, not both
+            if download_dir is not None and source == "hf" and not keep_parquet:
+                (download_dir / rel).unlink()  # disk holds tokens, not both
             progress.file_finished()
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -452,6 +516,8 @@ def main(argv=None):
     p.add_argument("--subsets", default=None,
                    help=f"comma-separated subsets (default: {','.join(SUBSETS)}; a local --source may lack one)")
     p.add_argument("--fraction", type=float, default=1.0, help="take the first ceil(F x files) files of each subset")
+    p.add_argument("--docs", type=int, default=None,
+                   help="take only the first N documents of each subset (from the hub: range requests, no whole files)")
     p.add_argument("--val-docs", type=int, default=1000,
                    help=f"documents of each subset's first file kept for val (at most {VAL_MAX_SHARE:.0%} of that file)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
@@ -467,10 +533,15 @@ def main(argv=None):
             raise PrepareError(f"--subsets: unknown subset(s) {', '.join(unknown)}; choose from {', '.join(SUBSETS)}")
         if not 0 < args.fraction <= 1:
             raise PrepareError(f"--fraction {args.fraction}: must be in (0, 1]")
+        if args.docs is not None and args.docs < 1:
+            raise PrepareError(f"--docs {args.docs}: must be >= 1 (documents per subset)")
+        if args.docs is not None and args.fraction != 1.0:
+            raise PrepareError(f"--docs {args.docs} and --fraction {args.fraction} both choose how much to read; "
+                               f"give one of them")
         if args.val_docs < 0 or args.workers < 1:
             raise PrepareError("--val-docs must be >= 0 and --workers >= 1")
         prepare(args.source, args.out, subsets, args.fraction, args.val_docs, args.workers, args.keep_parquet,
-                args.revision, subsets_required=args.subsets is not None)
+                args.revision, subsets_required=args.subsets is not None, docs=args.docs)
     except PrepareError as e:
         print(f"\nprepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -50,14 +50,15 @@ def make_text(rng, n_words):
     return " ".join(sentences)
 
 
-def write_subset_file(path, subset, texts, prompts=None):
-    """One parquet file of `subset`'s schema holding `texts` (None allowed), other columns filled plausibly."""
+def write_subset_file(path, subset, texts, prompts=None, ids=None):
+    """One parquet file of `subset`'s schema holding `texts` (None allowed), other columns filled plausibly (or with
+    the given prompts / ids, columns that prepare.py never reads)."""
     n = len(texts)
     if subset == "cosmopedia-v2":
         cols = {"prompt": prompts or ["Write a lesson."] * n, "text": texts, "token_length": [len(t or "") // 4 for t in texts],
                 "audience": ["students"] * n, "format": ["textbook"] * n, "seed_data": ["fixture"] * n}
     else:
-        cols = {"text": texts, "id": [f"<urn:uuid:{i:08d}>" for i in range(n)], "metadata": [None] * n}
+        cols = {"text": texts, "id": ids or [f"<urn:uuid:{i:08d}>" for i in range(n)], "metadata": [None] * n}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Small row groups so that readers really stream record batches.
     pq.write_table(pa.table(cols, schema=SCHEMAS[subset]), path, row_group_size=16)

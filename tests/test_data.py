@@ -16,7 +16,7 @@ import pytest
 import tiktoken
 import torch
 
-from conftest import ROOT, offline_env, run_prepare, write_hub_layout, write_subset_file
+from conftest import ROOT, make_text, offline_env, run_prepare, write_hub_layout, write_subset_file
 from data import DataError, PackedLoader, count_tokens, cu_seqlens_of, segment_capacity
 
 EOT = 50256
@@ -371,8 +371,11 @@ def test_token_ids_that_do_not_fit_uint16_are_refused():
 # ----------------------------------------------------------------------------- the hub download path
 
 class FakeHub(BaseHTTPRequestHandler):
-    """Serves a local dir under the hub's URL scheme: the tree API and resolve/ downloads with Range support."""
-    root, commit, requests, cut_first_get = None, "a" * 40, [], set()
+    """Serves a local dir under the hub's URL scheme: repo info, the tree API and resolve/ downloads with Range
+    support (bytes=START- and bytes=START-END), counting the body bytes served per file in `served`. While
+    hold_when() is true, file requests wait (and `holding` is set), so a test can kill a client mid-read."""
+    root, commit, requests, cut_first_get, served = None, "a" * 40, [], set(), {}
+    hold_when, holding = None, threading.Event()
 
     def log_message(self, *args):
         pass
@@ -386,8 +389,12 @@ class FakeHub(BaseHTTPRequestHandler):
     def serve(self, body):
         FakeHub.requests.append((self.command, self.path, self.headers.get("Range")))
         path = self.path.split("?")[0]
+        repo = "/api/datasets/HuggingFaceTB/smollm-corpus/revision/"
         tree = "/api/datasets/HuggingFaceTB/smollm-corpus/tree/"
         resolve = "/datasets/HuggingFaceTB/smollm-corpus/resolve/"
+        if path.startswith(repo):
+            data = json.dumps({"id": "HuggingFaceTB/smollm-corpus", "sha": self.commit, "private": False}).encode()
+            return self.reply(200, data, {"Content-Type": "application/json"}, body)
         if path.startswith(tree):
             subset = path[len(tree):].split("/", 1)[1]
             files = sorted((self.root / subset).glob("*.parquet"))
@@ -396,13 +403,15 @@ class FakeHub(BaseHTTPRequestHandler):
             return self.reply(200, data, {"Content-Type": "application/json"}, body)
         if path.startswith(resolve):
             rel = path[len(resolve):].split("/", 1)[1]
+            while FakeHub.hold_when and FakeHub.hold_when():
+                FakeHub.holding.set()
+                time.sleep(0.01)
             f = self.root / rel
             if not f.exists():
                 return self.reply(404, b"not found", {"X-Error-Code": "EntryNotFound"}, body)
             data = f.read_bytes()
             headers = {"X-Repo-Commit": self.commit, "ETag": f'"{hash(data) & 0xffffffff:08x}"',
                        "Accept-Ranges": "bytes"}
-            start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
             if body and rel in self.cut_first_get:  # drop the connection halfway through the first download
                 FakeHub.cut_first_get.discard(rel)
                 self.send_response(200)
@@ -414,9 +423,16 @@ class FakeHub(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.close_connection = True
                 return
-            if start:
-                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-            return self.reply(206 if start else 200, data[start:], headers, body)
+            start, end = 0, len(data) - 1
+            if self.headers.get("Range"):
+                first, last = self.headers["Range"].split("=")[1].split("-")
+                start, end = int(first), min(int(last), end) if last else end
+            ranged = (start, end) != (0, len(data) - 1)
+            if ranged:
+                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            if body:
+                FakeHub.served[rel] = FakeHub.served.get(rel, 0) + end + 1 - start
+            return self.reply(206 if ranged else 200, data[start:end + 1], headers, body)
         self.reply(404, b"", {}, body)
 
     def reply(self, code, data, headers, body):
@@ -432,12 +448,14 @@ class FakeHub(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_hub(tmp_path):
     write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [40, 40], "fineweb-edu-dedup": [50]}, seed=7)
-    FakeHub.root, FakeHub.requests = tmp_path / "hub", []
+    FakeHub.root, FakeHub.requests, FakeHub.served, FakeHub.hold_when = tmp_path / "hub", [], {}, None
+    FakeHub.holding.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
            "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     yield tmp_path / "hub", env
+    FakeHub.hold_when = None
     server.shutdown()
 
 
@@ -465,6 +483,75 @@ def test_download_from_hub_matches_local_source_and_resumes(tmp_path, fake_hub):
     assert any("/resolve/3ba9d605774198c5868892d7a8deda78031a781f/" in r[1] for r in FakeHub.requests)
     run_prepare("--out", tmp_path / "kept", "--val-docs", 5, "--keep-parquet", "--fraction", 0.5, env=env)
     assert len(list((tmp_path / "kept").rglob("*.parquet"))) == 2
+
+
+def shard_docs(out, subset, name):
+    """[token list of each document] of one prepared shard."""
+    tokens = np.fromfile(out / subset / f"{name}.bin", dtype=np.uint16)
+    offsets = np.fromfile(out / subset / f"{name}.idx", dtype=np.int64)
+    return [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def test_docs_reads_a_small_part_of_each_file_and_the_first_documents(tmp_path, fake_hub):
+    """--docs N from the hub reads the footer and the row groups of the first N documents of each subset, by range
+    requests: a small part of each file, nothing downloaded whole; the shards hold exactly those documents' tokens
+    (what a full prepare makes of them), across a file boundary too; a kill -9 mid-read and a rerun give the bytes of
+    an uninterrupted run."""
+    hub, env = fake_hub
+    rng = random.Random(3)
+    # 12 + 8 cosmopedia documents span two files; columns prepare.py never reads make every file megabytes
+    for rel, n in (("cosmopedia-v2/train-00000-of-00002.parquet", 12), ("cosmopedia-v2/train-00001-of-00002.parquet", 300),
+                   ("fineweb-edu-dedup/train-00000-of-00001.parquet", 300)):
+        texts = [make_text(rng, rng.randint(20, 200)) for _ in range(n)]
+        filler = [rng.randbytes(2_500_000 // n).hex() for _ in texts]
+        subset = rel.split("/")[0]
+        write_subset_file(hub / rel, subset, texts, **({"prompts": filler} if subset == "cosmopedia-v2" else {"ids": filler}))
+    sizes = {str(p.relative_to(hub)): p.stat().st_size for p in hub.rglob("*.parquet")}
+    assert min(sizes.values()) > 2e6
+
+    run_prepare("--docs", 20, "--val-docs", 2, "--workers", 1, "--out", tmp_path / "sample", env=env)
+    big = [rel for rel in sizes if not rel.startswith("cosmopedia-v2/train-00000")]
+    for rel in big:
+        assert FakeHub.served[rel] < sizes[rel] / 4, (rel, FakeHub.served[rel], sizes[rel])
+    assert not list((tmp_path / "sample").rglob("*.parquet"))  # nothing downloaded whole
+    assert not any(r[2] is None for r in FakeHub.requests if r[0] == "GET" and "/resolve/" in r[1])
+
+    run_prepare("--source", hub, "--val-docs", 2, "--workers", 1, "--out", tmp_path / "full")
+    sample, full = tmp_path / "sample", tmp_path / "full"
+    meta = json.loads((sample / "meta.json").read_text())
+    assert meta["docs"] == 20
+    for subset in ("cosmopedia-v2", "fineweb-edu-dedup"):  # val (first file's first docs) then train, in file order
+        ours = shard_docs(sample, subset, "val")
+        theirs = shard_docs(full, subset, "val")
+        for sh in meta["subsets"][subset]["shards"]:
+            ours += shard_docs(sample, subset, sh["name"])
+            theirs += shard_docs(full, subset, sh["name"])[:sh["docs"]]
+        assert len(ours) == 20 and ours == theirs[:20]
+    assert [sh["docs"] for sh in meta["subsets"]["cosmopedia-v2"]["shards"]] == [11, 8]  # 1 of 12 went to val
+
+    # kill -9 while the fineweb shard is half written (its range requests held), then rerun the same command
+    killed = tmp_path / "killed"
+    FakeHub.hold_when = lambda: bool(list((killed / "fineweb-edu-dedup").glob("*.tmp")))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--docs", "20", "--val-docs", "2",
+                             "--workers", "1", "--out", str(killed)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    assert FakeHub.holding.wait(timeout=120), "prepare.py never read the fineweb file"
+    proc.kill()
+    proc.wait()
+    FakeHub.hold_when = None
+    assert list(killed.rglob("*.tmp"))
+    run_prepare("--docs", 20, "--val-docs", 2, "--workers", 1, "--out", killed, env=env)
+    assert tree_bytes(killed) == tree_bytes(sample)
+
+
+def test_docs_errors(tmp_path):
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [30], "fineweb-edu-dedup": [30]}, seed=3)
+    proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "a", "--docs", 10, "--fraction", 0.5, check=False)
+    assert proc.returncode == 1 and "--docs 10 and --fraction 0.5" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "a", "--docs", 0, check=False)
+    assert proc.returncode == 1 and "--docs 0: must be >= 1" in proc.stderr
+    run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "a", "--docs", 10)
+    proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "a", "--docs", 12, check=False)
+    assert proc.returncode == 1 and "docs=10" in proc.stderr and "this run has 12" in proc.stderr
 
 
 def test_unreachable_hub_says_how_to_use_source(tmp_path):
