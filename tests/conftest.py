@@ -109,3 +109,16 @@ def offline_env(tmp_path):
     env.update({"TIKTOKEN_CACHE_DIR": str(Path(tmp_path) / "empty-tiktoken-cache"), "HTTPS_PROXY": proxy,
                 "https_proxy": proxy, "HTTP_PROXY": proxy, "http_proxy": proxy, "ALL_PROXY": proxy})
     return env
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    """(hub dir, environment for prepare.py) with a FakeHub server (tests/fake_hub.py) serving the dir as the hub."""
+    from fake_hub import FakeHub, start
+    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [40, 40], "fineweb-edu-dedup": [50]}, seed=7)
+    server, endpoint = start(tmp_path / "hub")
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    yield tmp_path / "hub", env
+    FakeHub.hold_when = None
+    server.shutdown()

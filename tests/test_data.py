@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import tiktoken
 import torch
 
+from fake_hub import FakeHub
 from conftest import ROOT, make_text, offline_env, run_prepare, write_hub_layout, write_subset_file
 from data import DataError, PackedLoader, count_tokens, cu_seqlens_of, segment_capacity
 
@@ -369,95 +369,6 @@ def test_token_ids_that_do_not_fit_uint16_are_refused():
 
 
 # ----------------------------------------------------------------------------- the hub download path
-
-class FakeHub(BaseHTTPRequestHandler):
-    """Serves a local dir under the hub's URL scheme: repo info, the tree API and resolve/ downloads with Range
-    support (bytes=START- and bytes=START-END), counting the body bytes served per file in `served`. While
-    hold_when() is true, file requests wait (and `holding` is set), so a test can kill a client mid-read."""
-    root, commit, requests, cut_first_get, served = None, "a" * 40, [], set(), {}
-    hold_when, holding = None, threading.Event()
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.serve(body=True)
-
-    def do_HEAD(self):
-        self.serve(body=False)
-
-    def serve(self, body):
-        FakeHub.requests.append((self.command, self.path, self.headers.get("Range")))
-        path = self.path.split("?")[0]
-        repo = "/api/datasets/HuggingFaceTB/smollm-corpus/revision/"
-        tree = "/api/datasets/HuggingFaceTB/smollm-corpus/tree/"
-        resolve = "/datasets/HuggingFaceTB/smollm-corpus/resolve/"
-        if path.startswith(repo):
-            data = json.dumps({"id": "HuggingFaceTB/smollm-corpus", "sha": self.commit, "private": False}).encode()
-            return self.reply(200, data, {"Content-Type": "application/json"}, body)
-        if path.startswith(tree):
-            subset = path[len(tree):].split("/", 1)[1]
-            files = sorted((self.root / subset).glob("*.parquet"))
-            data = json.dumps([{"type": "file", "path": f"{subset}/{f.name}", "size": f.stat().st_size,
-                                "oid": "0" * 40} for f in files]).encode()
-            return self.reply(200, data, {"Content-Type": "application/json"}, body)
-        if path.startswith(resolve):
-            rel = path[len(resolve):].split("/", 1)[1]
-            while FakeHub.hold_when and FakeHub.hold_when():
-                FakeHub.holding.set()
-                time.sleep(0.01)
-            f = self.root / rel
-            if not f.exists():
-                return self.reply(404, b"not found", {"X-Error-Code": "EntryNotFound"}, body)
-            data = f.read_bytes()
-            headers = {"X-Repo-Commit": self.commit, "ETag": f'"{hash(data) & 0xffffffff:08x}"',
-                       "Accept-Ranges": "bytes"}
-            if body and rel in self.cut_first_get:  # drop the connection halfway through the first download
-                FakeHub.cut_first_get.discard(rel)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data[:len(data) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                return
-            start, end = 0, len(data) - 1
-            if self.headers.get("Range"):
-                first, last = self.headers["Range"].split("=")[1].split("-")
-                start, end = int(first), min(int(last), end) if last else end
-            ranged = (start, end) != (0, len(data) - 1)
-            if ranged:
-                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            if body:
-                FakeHub.served[rel] = FakeHub.served.get(rel, 0) + end + 1 - start
-            return self.reply(206 if ranged else 200, data[start:end + 1], headers, body)
-        self.reply(404, b"", {}, body)
-
-    def reply(self, code, data, headers, body):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-
-@pytest.fixture
-def fake_hub(tmp_path):
-    write_hub_layout(tmp_path / "hub", {"cosmopedia-v2": [40, 40], "fineweb-edu-dedup": [50]}, seed=7)
-    FakeHub.root, FakeHub.requests, FakeHub.served, FakeHub.hold_when = tmp_path / "hub", [], {}, None
-    FakeHub.holding.clear()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
-           "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    yield tmp_path / "hub", env
-    FakeHub.hold_when = None
-    server.shutdown()
-
 
 def test_download_from_hub_matches_local_source_and_resumes(tmp_path, fake_hub):
     hub, env = fake_hub
