@@ -8,6 +8,8 @@
     python bench.py config/smoke.py --batch=data               # train.py's first real batch, not a synthetic one
     python bench.py --what=prepare --source=DIR                # prepare.py tokens/s vs the tokenizer's own rate
     python bench.py config/smoke.py --json=True                # one JSON object per measurement, for machines
+    python bench.py config/deepone_1b7.py --memory_limit_gb=24 # as if the GPU had 24 GiB
+    python bench.py config/deepone.py --dry_run=True           # resolve the config and the measurements, run nothing
 
 Takes the same config files and --key=value overrides as train.py (every train.py key is accepted; the ones
 that don't affect a step are ignored), plus the bench keys below. Each measurement of a sweep ('all') runs in a
@@ -46,6 +48,7 @@ BENCH_DEFAULTS = {
     "gpu_gb": 24.0,      # --what=memory: one GPU's memory in GB (2^30 bytes), e.g. 24 for an RTX 4090 / L4 / A10
     "reserve_gb": 1.0,   # --what=memory: of gpu_gb, left for the CUDA context and allocator fragmentation
     "ranks": 1,          # --what=memory: ranks that share the FSDP shards (parallel='fsdp')
+    "memory_limit_gb": 0.0,  # CUDA: cap this process at N GiB (set_per_process_memory_fraction), as on a smaller GPU
 }
 BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile", "memory"), "lean_loss": ("on", "off", "all"),
                  "batch": ("synthetic", "data")}
@@ -378,8 +381,18 @@ def main():
         raise SystemExit(f"bench.py: bad model config: {e}") from None
     if cfg["doc_len"] < 0:
         raise SystemExit(f"bench.py: doc_len={cfg['doc_len']} must be >= 0 (0: one causal sequence per row)")
+    if cfg["memory_limit_gb"] < 0:
+        raise SystemExit(f"bench.py: memory_limit_gb={cfg['memory_limit_gb']} must be >= 0 (0: no limit)")
     sweeps = {"attn_impl": [a for a in ATTN_IMPLS if available(a, cfg)] if cfg["attn_impl"] == "all" else None,
               "lean_loss": ["off", "on"] if cfg["lean_loss"] == "all" else None}
+    if cfg["dry_run"]:  # everything above resolved; nothing measured
+        device, dtype = resolve_device_dtype(cfg)
+        print(json.dumps({"what": cfg["what"], "dry_run": True, "device": device, "dtype": dtype,
+                          "config": f"{cfg['family']} L{cfg['n_layer']} d{cfg['d_model']}",
+                          "batch": f"{cfg['batch_size']}x{cfg['block_size']}",
+                          "sweeps": {k: v for k, v in sweeps.items() if v}}))
+        return
+    limit_memory(cfg)
     if cfg["what"] == "train" and any(sweeps.values()):
         combos = [{}]
         for key, values in sweeps.items():
@@ -407,6 +420,15 @@ def main():
         print(" | ".join(v.ljust(w) for v, w in zip(row, widths)))
     if verdict:
         print(verdict)  # the last line: 'fits: ...' or 'does not fit: ...'
+
+
+def limit_memory(cfg):
+    """memory_limit_gb on CUDA: the allocator refuses to go past that many GiB, so a config that passes here fits a
+    GPU of that size (less the CUDA context, which the fraction does not count)."""
+    device, _ = resolve_device_dtype(cfg)
+    if cfg["memory_limit_gb"] and device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg["memory_limit_gb"] * 2**30 / total))
 
 
 def available(attn_impl, cfg):

@@ -12,8 +12,20 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs CUDA GPUs (skipped elsewhere); `pytest -m cuda` selects them all")
+
+
+def cuda_only(reason, gpus=1):
+    """Decorator for a test that needs `gpus` CUDA GPUs: marked `cuda` (gpu_check.py runs them with -m cuda) and
+    skipped, with the reason, on a machine with fewer."""
+    skip = pytest.mark.skipif(torch.cuda.device_count() < gpus, reason=reason)
+    return lambda test: pytest.mark.cuda(skip(test))
 
 # The published column schemas of HuggingFaceTB/smollm-corpus (checked against the 0-row schema files of
 # shared/data/smollm-sample/schemas). metadata.date is timestamp[s] on the hub; parquet stores it as [ms].

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import optim  # noqa: E402
+from conftest import cuda_only  # noqa: E402
 from data import cu_seqlens_of  # noqa: E402
 from model import (ModelConfig, Transformer, LinearCrossEntropy, deepnet_constants, doc_cu_seqlens,  # noqa: E402
                    doc_causal_block_mask, gpu_peak_tflops)
@@ -140,7 +141,7 @@ def test_flex_training_on_cpu_is_refused():
         model(idx, idx, doc_ids=doc)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward runs only on GPU")
+@cuda_only("flex_attention's backward runs only on GPU")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flex_backward_matches_eager_on_gpu(family):
     idx, doc = packed()

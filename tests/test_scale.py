@@ -11,7 +11,7 @@ import torch
 
 import checkpoint
 import optim
-from conftest import ROOT
+from conftest import ROOT, cuda_only
 from model import ModelConfig, Transformer
 from test_train import TINY, assert_one_clear_error, records, train
 
@@ -105,7 +105,7 @@ def test_resumed_optimizer_keeps_this_runs_settings_and_its_step_counters_where_
     torch.testing.assert_close(again_w, fused_w, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's load moves the step to the GPU only on a GPU")
+@cuda_only("torch's load moves the step to the GPU only on a GPU")
 def test_fused_checkpoint_into_bf16_adamw_keeps_the_step_on_the_cpu_on_a_gpu():
     w = torch.randn(8, 4, device="cuda", requires_grad=True)
     fused = torch.optim.AdamW([w], lr=1e-2, fused=True)

@@ -18,12 +18,11 @@ import torch.nn.functional as F
 
 import bench
 import model as model_module
-from conftest import ROOT
+from conftest import ROOT, cuda_only
 from data import PackedLoader, cu_seqlens_of
 from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-CUDA = torch.cuda.is_available()
 NO_CUDA = "the varlen/flex kernels under test and train.py on a GPU need CUDA; this machine has none"
 V = 256
 TINY = ["--n_layer=2", "--n_head=2", "--d_model=32", "--block_size=64", "--batch_size=2", "--compile=False",
@@ -185,7 +184,7 @@ def assert_close_rel(got, want, tol, name):
     assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
 
 
-@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@cuda_only(NO_CUDA)
 @pytest.mark.parametrize("attn_impl", ["flex_attention", "flash_attention_2"])
 def test_gpu_backend_equals_eager_on_packed_documents(attn_impl):
     """Compiled flex (compile_layers) and the varlen kernel equal eager attention under bf16 autocast, forward and
@@ -202,7 +201,7 @@ def test_gpu_backend_equals_eager_on_packed_documents(attn_impl):
         assert_close_rel(g, w, 5e-2, name)
 
 
-@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@cuda_only(NO_CUDA)
 @pytest.mark.parametrize("attn_impl", ["flex_attention", "flash_attention_2"])
 def test_gpu_compile_layers_no_recompiles_over_5_batches(attn_impl):
     import torch._dynamo
@@ -217,7 +216,7 @@ def test_gpu_compile_layers_no_recompiles_over_5_batches(attn_impl):
         torch._dynamo.config.error_on_recompile = False
 
 
-@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@cuda_only(NO_CUDA)
 def test_gpu_train_10_steps(prepared_data, tmp_path):
     proc = run("train.py", "--n_layer=2", "--n_head=2", "--d_model=64", "--block_size=256", "--batch_size=4",
                f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--device=cuda", "--max_steps=10",

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import ROOT, offline_env, run_prepare, write_hub_layout
+from conftest import ROOT, cuda_only, offline_env, run_prepare, write_hub_layout
 from data import count_tokens, read_meta
 
 # --device=cpu (and so gloo under torchrun): these tests are about CPU behaviour and must pass unchanged on a GPU machine
@@ -600,8 +600,8 @@ def test_nodes_that_do_not_share_out_dir_are_refused(base2, prepared_data, tmp_p
 # -----------------------------------------------------------------------------------------------------------------
 # GPU runs: train.py with the CUDA defaults (device cuda, bfloat16 autocast, flex_attention, torch.compile, nccl).
 # GPU kernels are not bitwise deterministic, so a resume is compared to an uninterrupted run within rounding.
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
-needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for 2 NCCL ranks")
+needs_cuda = cuda_only("needs a CUDA GPU; this machine has none")
+needs_2_gpus = cuda_only("needs 2 CUDA GPUs for 2 NCCL ranks", gpus=2)
 GPU_TINY = [a for a in TINY if not a.startswith(("--device=", "--dtype=", "--compile="))] + ["--block_size=128"]
 
 

@@ -1,0 +1,147 @@
+"""
+The GPU check: the measurements that decide smoltrain's GPU defaults, in one command, written to one report.
+
+    python gpu_check.py --data_dir=data/sample              # on a CUDA machine; about 8 minutes on one H100/H200
+    python gpu_check.py --data_dir=data/sample --dry_run    # anywhere: resolve every step, run none of them
+    python gpu_check.py --only=tests,backends --out=gpu_check
+
+Each step is one command of this repo (pytest, bench.py, train.py), run as a subprocess with its own time limit
+inside the whole check's --budget_s; a step that fails or runs out of time is reported with the tail of its output
+and the check goes on. The report, OUT/gpu_check.md and OUT/gpu_check.json, holds every command, its exit status,
+wall time and the records bench.py printed (--json=True), rewritten after each step so that a killed check keeps
+what it measured. --dry_run runs each step's own resolution instead (bench.py and train.py --dry_run=True, pytest
+--collect-only), so a typo in a config, a key or a path shows on a CPU before a GPU is lent. --data_dir is the only
+input: prepared data for the train.py step (python prepare.py --docs 2000 --out data/sample makes it); checkpoints
+go under --work (default /tmp/gpu_check), never into OUT.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+BENCH = [PY, "bench.py", "--json=True"]
+# GPT-2 small, nanoGPT's benchmark shape: 12 x d768, one causal sequence of 1024 per row, tied head; the GLU's
+# d_ff 2048 x 3 matrices hold the parameters of nanoGPT's 3072 x 2
+GPT2_SMALL = ["config/llama_52m.py", "--n_layer=12", "--d_model=768", "--n_head=12", "--n_kv_head=12", "--d_ff=2048",
+              "--tie_embeddings=True", "--block_size=1024", "--batch_size=16", "--doc_len=0"]
+DEEPONE_834M = ["config/deepone.py", "--n_layer=24", "--d_model=1536", "--n_head=12", "--n_kv_head=12", "--d_ff=4096",
+                "--batch_size=4"]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def steps(data_dir, work):
+    """[(name, argv, time limit in s, text its output must hold or None)], in the order they run: the most telling
+    first."""
+    train = [PY, "train.py", "config/deepone.py", f"--data_dir={data_dir}", f"--out_dir={work}/train",
+             "--train_tokens=10000000", "--save_interval=5", "--log_interval=1", "--eval_interval=0"]
+    return [
+        ("tests", [PY, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests"], 240, None),
+        ("backends", [*BENCH, "config/deepone.py", "--attn_impl=all"], 150, None),
+        ("gpt2-small sdpa", [*BENCH, *GPT2_SMALL, "--attn_impl=sdpa"], 90, None),
+        ("gpt2-small flex", [*BENCH, *GPT2_SMALL, "--attn_impl=flex_attention"], 90, None),
+        *[(f"834M compile {mode}", [*BENCH, *DEEPONE_834M, f"--compile_mode={mode}"], 240, None)
+          for mode in COMPILE_MODES],
+        ("profile", [*BENCH, "config/deepone.py", "--what=profile"], 120, None),
+        ("memory", [*BENCH, "config/deepone.py", "--what=memory"], 120, None),
+        ("1.7B in 24 GiB", [*BENCH, "config/deepone_1b7.py", "--steps=10", "--warmup=1", "--memory_limit_gb=24"], 240,
+         None),
+        ("train 5 steps", [*train, "--max_steps=5"], 240, "step 5/"),
+        ("resume to 10", [*train, "--max_steps=10"], 240, "resuming from"),
+    ]
+
+
+def dry(argv):
+    """The command that resolves argv without running it."""
+    if "pytest" in argv:
+        return [*argv, "--collect-only"]
+    return [*argv, "--dry_run=True"]
+
+
+def run_step(name, argv, limit, expect):
+    start = time.time()
+    try:
+        proc = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=limit)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = "timeout"
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+    records = []
+    for line in out.splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return {"step": name, "command": " ".join(argv[1:] if argv[0] == PY else argv), "rc": rc,
+            "ok": rc == 0 and not any("error" in r for r in records) and (expect is None or expect in out), "wall_s": round(time.time() - start, 1),
+            "records": records, "tail": out[-3000:] if rc != 0 or not records else out[-600:]}
+
+
+def write_report(out, results, header):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps({"header": header, "steps": results}, indent=1) + "\n")
+    lines = [f"# GPU check\n\n{header}\n", "| step | ok | wall s | command |", "|---|---|---|---|"]
+    lines += [f"| {r['step']} | {'yes' if r['ok'] else 'NO (' + str(r['rc']) + ')'} | {r['wall_s']} | "
+              f"`{r['command']}` |" for r in results]
+    for r in results:
+        lines.append(f"\n## {r['step']}\n\n`{r['command']}`: exit {r['rc']}, {r['wall_s']} s\n")
+        if r["records"]:
+            keys = list(dict.fromkeys(k for rec in r["records"] for k in rec))
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(rec.get(k, "")) for k in keys) + " |" for rec in r["records"]]
+        if not r["ok"] or not r["records"]:
+            lines += ["", "```", r["tail"].rstrip(), "```"]
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    p.add_argument("--data_dir", default="data/sample", help="prepared data for the train.py steps")
+    p.add_argument("--out", default="gpu_check", help="where the report goes")
+    p.add_argument("--work", default="/tmp/gpu_check", help="scratch space: the train.py steps' checkpoints")
+    p.add_argument("--budget_s", type=float, default=480, help="the whole check's time; a step gets what is left")
+    p.add_argument("--only", default="", help="comma-separated step names or prefixes (default: all)")
+    p.add_argument("--dry_run", action="store_true", help="resolve every step (configs, keys, paths), run none")
+    args = p.parse_args(argv)
+    plan = steps(args.data_dir, args.work)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = [w for w in wanted if not any(step[0].startswith(w) for step in plan)]
+        if unknown:
+            p.error(f"--only: no step named {', '.join(unknown)}; the steps: {', '.join(s[0] for s in plan)}")
+        plan = [s for s in plan if any(s[0].startswith(w) for w in wanted)]
+    if not (Path(args.data_dir) / "meta.json").exists() and any(s[0].startswith(("train", "resume")) for s in plan):
+        p.error(f"--data_dir {args.data_dir}: no prepared data (meta.json); make it with: "
+                f"python prepare.py --docs 2000 --out {args.data_dir}")
+    import torch  # only here: --help and argument errors come at once
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+    if not torch.cuda.is_available() and not args.dry_run:
+        p.error("this machine has no CUDA GPU; --dry_run resolves the steps here without running them")
+    header = (f"{gpu} | torch {torch.__version__} | {time.strftime('%Y-%m-%d %H:%M:%S')}"
+              + (" | dry run: each step resolved, none run" if args.dry_run else ""))
+    out, deadline, results = Path(args.out), time.time() + args.budget_s, []
+    for name, argv, limit, expect in plan:
+        left = deadline - time.time()
+        if left < 10:
+            results.append({"step": name, "command": " ".join(argv[1:]), "rc": "not run", "ok": False, "wall_s": 0,
+                            "records": [], "tail": f"the check's budget ({args.budget_s:g} s) was spent"})
+        else:
+            print(f"[gpu_check] {name}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+            results.append(run_step(name, dry(argv) if args.dry_run else argv, min(limit, left),
+                                    None if args.dry_run else expect))
+            print(f"[gpu_check] {name}: {'ok' if results[-1]['ok'] else 'FAILED (' + str(results[-1]['rc']) + ')'}"
+                  f" in {results[-1]['wall_s']} s", file=sys.stderr, flush=True)
+        write_report(out, results, header)
+    failed = [r["step"] for r in results if not r["ok"]]
+    print(f"[gpu_check] {len(results) - len(failed)}/{len(results)} steps ok"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + f"; report: {out}/gpu_check.md", file=sys.stderr)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
