@@ -84,7 +84,7 @@ EOF
 
 tests() {
     setup requirements-dev.txt requirements-extras.txt
-    "$py" -m pytest -q tests "$@"
+    "$py" -m pytest -q -n 2 tests "$@"
 }
 
 target=${1:-}
