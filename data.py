@@ -41,7 +41,8 @@ def read_meta(data_dir):
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise DataError(f"no prepared data in {data_dir} ({path} is missing); "
-                        f"run: python prepare.py --out {data_dir}")
+                        f"run: python prepare.py --out {data_dir} (the whole corpus; add --docs 2000 for a sample of "
+                        f"megabytes, or --source DIR for a local copy)")
     meta = json.loads(path.read_text())
     if meta.get("tokenizer") != TOKENIZER or meta.get("dtype") != "uint16":
         raise DataError(f"{path} was written with tokenizer {meta.get('tokenizer')!r} and dtype {meta.get('dtype')!r}; "

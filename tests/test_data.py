@@ -643,7 +643,7 @@ def test_tokens_per_epoch_is_each_ranks_share(prepared_data):
 
 
 def test_data_errors(tmp_path, prepared_data):
-    with pytest.raises(DataError, match="run: python prepare.py"):
+    with pytest.raises(DataError, match="run: python prepare.py --out .*missing .*--docs 2000 for a sample"):
         PackedLoader(tmp_path / "missing")
     import shutil
     bad = tmp_path / "bad"
