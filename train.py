@@ -99,18 +99,19 @@ qk_norm = None  # None = the family's default
 attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) | 'eager' | 'sdpa' | 'flex_attention' | 'flash_attention_2'
 loss_chunk_size = 4096  # rows of hidden states per chunk of the fused head + cross-entropy
 # optimizer
-optimizer = "adamw"  # 'adamw' (torch's, fused on CUDA; optim.AdamW for bf16 weights) | 'adafactor' (optim.Adafactor)
-#                      | 'muon' (optim.Muon on the Blocks' weight matrices, AdamW with lr on embedding, head, gains)
+optimizer = "muon"  # 'muon' (optim.Muon on the Blocks' weight matrices, AdamW with lr on embedding, head, gains;
+#                     the measured best, README "Recipe") | 'adamw' (torch's, fused on CUDA; optim.AdamW for bf16
+#                     weights) | 'adafactor' (optim.Adafactor)
 lr = 1e-4  # peak LR for a global batch of ONE sequence; scaled by sqrt(batch_size * grad_accum * world_size)
 muon_lr = 7e-3  # optimizer='muon': peak LR of the Blocks' matrices, same units and scaling as lr
-min_lr = 1e-5  # LR at the end of the schedule, same units as lr; every group ends at its peak x min_lr / lr
+min_lr = 5e-6  # LR at the end of the schedule, same units as lr; every group ends at its peak x min_lr / lr
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
 # LR schedule (in tokens, so that it survives a change of batch size or world size on resume)
-lr_schedule = "cosine"  # 'cosine' (down to min_lr at train_tokens) | 'wsd' (warmup-stable-decay: constant, then
-#                         a linear decay to min_lr over the last decay_frac of train_tokens)
+lr_schedule = "wsd"  # 'wsd' (warmup-stable-decay: constant, then a linear decay to min_lr over the last decay_frac
+#                     of train_tokens; the measured best) | 'cosine' (down to min_lr at train_tokens)
 decay_frac = 0.5  # lr_schedule='wsd': the share of train_tokens that the final linear decay spans
 warmup_tokens = 100_000_000  # linear warmup from 0 to the peak LR
 train_tokens = 0  # tokens the schedule spans (it ends here); 0 = one epoch of the prepared train data

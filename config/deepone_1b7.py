@@ -1,7 +1,8 @@
 # DeepOne at about 1.7B parameters (1.67B: 24 layers of d_model 2048, 16 heads of dim 128, untied 50k head), set to
-# train under DDP on GPUs of 24 GB: bf16 weights with optim.py's stochastic-rounding AdamW (8 bytes a parameter
-# instead of 16) and every layer's activations recomputed in backward. Predicted peak per GPU (bench.py
-# --what=memory, see README "Memory"): 15.7 GB at 2 x 4096 tokens with compile; not measured on a GPU yet.
+# train under DDP on GPUs of 24 GB: bf16 weights with optim.py's stochastic-rounding Muon and AdamW (at most 8 bytes
+# a parameter instead of 16) and every layer's activations recomputed in backward. Predicted peak per GPU (bench.py
+# --what=memory, see README "Memory"): 15.7 GB at 2 x 4096 tokens with compile and AdamW's state (Muon's is smaller);
+# not measured on a GPU yet.
 #   torchrun --standalone --nproc_per_node=8 train.py config/deepone_1b7.py
 #   python bench.py config/deepone_1b7.py --what=memory --gpu_gb=24
 # With more GPU memory, param_dtype='float32' keeps fp32 master weights (16 bytes a parameter: 27 GB of state), or
@@ -23,5 +24,6 @@ activation_checkpointing = "all"
 batch_size = 2       # x 4096 tokens per GPU per micro-step
 grad_accum = 4       # 32k tokens per GPU per step
 block_size = 4096
-lr = 3e-5            # for a batch of one sequence; x sqrt(8 x 8 GPUs) = 2.4e-4 peak on 8 GPUs
-min_lr = 3e-6
+lr = 3e-5            # AdamW (embedding, head, gains), for a batch of one sequence; x sqrt(8 x 8 GPUs) = 2.4e-4 peak
+min_lr = 1.5e-6      # the schedule's end: 0.05 x, as train.py's default
+muon_lr = 2.5e-3     # Muon (the Blocks' matrices): x sqrt(64) = 0.02 peak on 8 GPUs, nanochat's Muon LR at its batch

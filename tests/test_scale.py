@@ -186,8 +186,9 @@ def test_adafactor_lr_is_an_absolute_step():
 # -----------------------------------------------------------------------------
 # train.py: FSDP and bf16 weights resume exactly; checkpoints cross modes; refusals
 
+# AdamW here (its checkpoint layout is checked below); Muon under FSDP: tests/test_recipe.py
 FSDP = TINY + ["--batch_size=2", "--grad_accum=2", "--train_tokens=3072", "--warmup_tokens=1024", "--eval_interval=0",
-               "--save_interval=100", "--parallel=fsdp", "--activation_checkpointing=all"]
+               "--save_interval=100", "--parallel=fsdp", "--activation_checkpointing=all", "--optimizer=adamw"]
 
 
 def test_fsdp_resumes_exactly_and_its_checkpoints_load_under_ddp_and_one_rank(prepared_data, tmp_path):
@@ -341,9 +342,9 @@ def test_bf16_weights_resume_exactly_and_weights_only_loading(prepared_data, tmp
     assert a[6]["param_checksum"] == b[6]["param_checksum"]  # stochastic rounding replays after a resume
     assert a[6]["loss"] < a[1]["loss"] - 0.3
     last = checkpoint.latest(str(tmp_path / "a"))
-    # another optimizer cannot continue AdamW's state: refused, naming the weights-only way
+    # another optimizer cannot continue the default Muon's state: refused, naming the weights-only way
     proc = train(tmp_path / "a", prepared_data, *args, "--optimizer=adafactor", "--train_tokens=1024", ok=False)
-    assert_one_clear_error(proc, "holds adamw state", f"--init_weights={last}")
+    assert_one_clear_error(proc, "holds muon state", f"--init_weights={last}")
     # ... which starts a new run from those weights: fp32, Adafactor, step 1
     proc = train(tmp_path / "c", prepared_data, *TINY, "--batch_size=2", "--train_tokens=256", "--optimizer=adafactor",
                  f"--init_weights={last}")
@@ -377,7 +378,8 @@ def test_bytes_per_parameter_counted_from_tensors(param_dtype, optimizer, total)
 
 def test_bench_memory_on_smoke():
     def bench(*args):
-        proc = subprocess.run([sys.executable, "bench.py", "config/smoke.py", "--what=memory", "--device=cpu", *args],
+        proc = subprocess.run([sys.executable, "bench.py", "config/smoke.py", "--what=memory", "--device=cpu",
+                               "--optimizer=adamw", *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout.strip().splitlines()

@@ -88,7 +88,8 @@ def test_two_ranks_learn_and_keep_identical_weights(base2):
     assert len({r["param_checksum"][0] for r in steps.values()}) == 8  # and the weights do change every step
     lrs = [steps[s]["lr"] for s in range(1, 9)]
     peak = 3e-3 * math.sqrt(2 * 2 * 2)  # lr scaled by sqrt(batch_size x grad_accum x world_size)
-    assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == pytest.approx(peak) and lrs[1] > lrs[4] > lrs[7]
+    # the default schedule, warmup-stable-decay: the peak until the last half of train_tokens, then a linear decay
+    assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == lrs[4] == pytest.approx(peak) and lrs[4] > lrs[5] > lrs[7]
     evals = records(base2, key="val_loss/cosmopedia-v2")
     assert sorted(evals) == [4, 8]
     for r in evals.values():
@@ -172,7 +173,7 @@ def test_exact_resume_with_one_rank(prepared_data, tmp_path):
     assert "resume: optimizer weight_decay: checkpoint 0.1, this run 0.0 (this run's value applies)" in proc.stdout
     assert "resume: optimizer betas: checkpoint (0.9, 0.95), this run (0.9, 0.99)" in proc.stdout
     groups = checkpoint.load(checkpoint.latest(str(tmp_path / "c")))["optimizer"]["param_groups"]
-    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.0, (0.9, 0.99))] * 2
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.0, (0.9, 0.99))] * 3  # Muon's 3 groups
     c = records(tmp_path / "c")
     assert c[2]["loss"] == a[2]["loss"] and c[6]["loss"] != a[6]["loss"]
 
@@ -418,7 +419,8 @@ def test_config_errors_and_dry_run(prepared_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     for line in ("  grad_accum = 2", "  lr = 0.003", "parameters", "world size 1 on cpu",
                  "tokens per step: 2 seqs x 64 tokens x grad_accum 2 x 1 ranks = 256",
-                 "lr: 0.003 x sqrt(4) = 6.000e-03 peak", "cosine to 4,096 tokens = 16 steps"):
+                 "lr: 0.003 x sqrt(4) = 6.000e-03 peak", "muon_lr: 0.007 x sqrt(4) = 1.400e-02 peak",
+                 "constant, then a linear decay over the last 50% to 4,096 tokens = 16 steps"):
         assert line in proc.stdout, f"{line!r} not in\n{proc.stdout}"
     assert not (tmp_path / "dry").exists()  # a dry run writes nothing
 
