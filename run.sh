@@ -45,7 +45,8 @@ setup() {  # the environment: venv, torch for this machine, then requirements fi
         "$py" -m pip install -q "torch==$TORCH"
     else
         # PyPI's Linux wheel is the CUDA build (several GB of CUDA libraries); pytorch.org's CPU index has the CPU
-        # one. One retry: where that index cannot be reached, pip falls back to the other configured sources at once.
+        # one. One retry, not pip's five: a machine that reaches only a configured mirror (pip.conf find-links or
+        # extra-index-url, which pip still reads) does not wait a minute on each package.
         say "no NVIDIA GPU: installing torch $TORCH, CPU build"
         "$py" -m pip install -q --retries 1 "torch==$TORCH" --index-url https://download.pytorch.org/whl/cpu
     fi
