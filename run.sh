@@ -5,6 +5,7 @@
 #                     SmolLM-Corpus subset (megabytes, read by HTTP range requests); config/smoke.py trained on them;
 #                     a text sample from the model; what to run next
 #   ./run.sh test     the same environment plus the optional extras; the test suite
+#   ./run.sh setup    that environment only (CI then runs the test command in it)
 #
 # Arguments after the target go to train.py (smoke: e.g. --train_tokens=50000) or to pytest (test: e.g. -x -k data).
 # Settings, from the environment:
@@ -85,7 +86,7 @@ EOF
 
 tests() {
     setup requirements-dev.txt requirements-extras.txt
-    "$py" -m pytest -q -n 2 tests "$@"
+    "$py" -m pytest -q -n 2 tests "$@"  # the README's test command, as .ci/run runs it
 }
 
 target=${1:-}
@@ -93,5 +94,6 @@ target=${1:-}
 case "$target" in
     smoke) smoke "$@" ;;
     test) tests "$@" ;;
-    *) die "usage: ./run.sh smoke|test [arguments for train.py or pytest] (got '${target}')" ;;
+    setup) setup requirements-dev.txt requirements-extras.txt ;;
+    *) die "usage: ./run.sh smoke|test|setup [arguments for train.py or pytest] (got '${target}')" ;;
 esac

@@ -59,4 +59,4 @@ def test_smoke_with_a_local_source_and_with_no_hub(tmp_path, fake_hub):
 
 def test_run_sh_usage():
     proc = subprocess.run(["bash", str(ROOT / "run.sh"), "train"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 1 and "usage: ./run.sh smoke|test" in proc.stderr and "'train'" in proc.stderr
+    assert proc.returncode == 1 and "usage: ./run.sh smoke|test|setup" in proc.stderr and "'train'" in proc.stderr
