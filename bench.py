@@ -7,6 +7,8 @@
     python bench.py config/deepone.py --what=profile           # where a step's time goes: top kernels, shares
     python bench.py config/smoke.py --batch=data               # train.py's first real batch, not a synthetic one
     python bench.py --what=prepare --source=DIR                # prepare.py tokens/s vs the tokenizer's own rate
+    python bench.py config/deepone.py --what=tasks             # eval_tasks' cost per example (HellaSwag-shaped)
+    python bench.py config/deepone.py --what=tasks --eval_tasks=hellaswag --eval_tasks_limit=500   # a real task
     python bench.py config/smoke.py --json=True                # one JSON object per measurement, for machines
     python bench.py config/deepone_1b7.py --memory_limit_gb=24 # as if the GPU had 24 GiB
     python bench.py config/deepone.py --dry_run=True           # resolve the config and the measurements, run nothing
@@ -36,7 +38,7 @@ from model import (ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, checkpo
 
 HERE = Path(__file__).resolve().parent
 BENCH_DEFAULTS = {
-    "what": "train",     # 'train' | 'loader' | 'prepare' | 'profile' | 'memory'
+    "what": "train",     # 'train' | 'loader' | 'prepare' | 'profile' | 'memory' | 'tasks'
     "steps": 5,          # timed steps (after warmup)
     "warmup": 2,         # untimed steps first: compilation, allocator warm-up
     "lean_loss": "on",   # 'on' (chunked head+loss, as train.py) | 'off' (full fp32 logits + F.cross_entropy) | 'all'
@@ -50,7 +52,7 @@ BENCH_DEFAULTS = {
     "ranks": 1,          # --what=memory: ranks that share the FSDP shards (parallel='fsdp')
     "memory_limit_gb": 0.0,  # CUDA: cap this process at N GiB (set_per_process_memory_fraction), as on a smaller GPU
 }
-BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile", "memory"), "lean_loss": ("on", "off", "all"),
+BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile", "memory", "tasks"), "lean_loss": ("on", "off", "all"),
                  "batch": ("synthetic", "data")}
 
 
@@ -325,6 +327,63 @@ def bench_prepare(cfg):
             "tokenizer_1proc_tokens_per_s": round(single)}
 
 
+# --what=tasks without eval_tasks: a multiple-choice task of HellaSwag's shape (a context of about 60 words, 4 endings of
+# about 20; HellaSwag's validation examples: ~45-word contexts and ~20-word endings), written as a local lm-eval task
+TASK_WORDS = ("the water light plant energy cell student history city river stone cloud number book music "
+              "garden method system result value change process animal forest science").split()
+
+
+def write_shaped_task(folder, n_examples):
+    import random
+    rng = random.Random(0)
+    words = lambda n: " ".join(rng.choice(TASK_WORDS) for _ in range(n))  # noqa: E731
+    with open(os.path.join(folder, "docs.jsonl"), "w") as f:
+        for _ in range(n_examples):
+            f.write(json.dumps({"ctx": words(60), "endings": [words(20) for _ in range(4)], "label": 0}) + "\n")
+    with open(os.path.join(folder, "shaped.yaml"), "w") as f:
+        f.write(f"task: hellaswag_shaped\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: "
+                f"{os.path.join(folder, 'docs.jsonl')}\nvalidation_split: validation\noutput_type: multiple_choice\n"
+                'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{endings}}"\ndoc_to_target: "{{label}}"\n'
+                "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+
+
+def bench_tasks(cfg):
+    """What eval_tasks costs: harness.score, as train.py runs it, on the config's model (fresh weights: the cost does
+    not depend on them) in batches of batch_size x block_size, over cfg's eval_tasks (at most eval_tasks_limit
+    examples each), or, with none set, a HellaSwag-shaped local task of eval_tasks_limit (default 200) examples."""
+    try:
+        import harness
+    except ImportError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    from tokenizer import TokenizerError, load_tokenizer
+    device, dtype = resolve_device_dtype(cfg)
+    try:
+        enc = load_tokenizer()
+    except TokenizerError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    model = Transformer(model_config(cfg, device)).to(device, dtype=getattr(torch, cfg["param_dtype"]))
+    if cfg["compile"]:
+        model.compile_layers(mode=cfg["compile_mode"])
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with tempfile.TemporaryDirectory() as folder:
+        names, path, limit = cfg["eval_tasks"], cfg["eval_tasks_path"], cfg["eval_tasks_limit"]
+        if not names:
+            limit = limit or 200
+            write_shaped_task(folder, limit)
+            names, path = "hellaswag_shaped", folder
+        try:
+            tasks = harness.load_tasks(names, path)
+        except harness.TaskError as e:
+            raise SystemExit(f"bench.py: {e}") from None
+        lm = harness.ModelLM(model, enc, cfg["block_size"], cfg["batch_size"], device, autocast)
+        scores = harness.score(lm, tasks, limit)
+    examples, seconds, tokens = scores["eval_tasks_examples"], scores["eval_tasks_s"], scores["eval_tasks_tokens"]
+    return {"what": "tasks", "tasks": names, "params_M": round(model.num_params() / 1e6, 2),
+            "batch": f"{cfg['batch_size']}x{cfg['block_size']}", "examples": examples,
+            "requests": scores["eval_tasks_requests"], "tokens": tokens, "seconds": round(seconds, 2),
+            "ms_per_example": round(1e3 * seconds / examples, 1), "tokens_per_s": round(tokens / seconds)}
+
+
 def run_child(cfg, changes):
     """One measurement in a fresh process (its own peak memory); returns its JSON record."""
     args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in {**cfg, **changes}.items()
@@ -401,7 +460,7 @@ def main():
         records = [run_child(cfg, c) for c in combos]
     else:
         what = {"train": bench_train, "loader": bench_loader, "prepare": bench_prepare, "profile": bench_profile,
-                "memory": bench_memory}
+                "memory": bench_memory, "tasks": bench_tasks}
         records = [what[cfg["what"]](cfg)]
     if cfg["json"]:
         for r in records:

@@ -71,6 +71,11 @@ eval_iters = 20  # validation batches per rank and subset (the same fixed blocks
 log_interval = 10  # steps between log lines and log.jsonl records
 step_cadence = 1.0  # multiplies log/eval/save intervals, e.g. 0.25 after making each step 4x larger
 sample_interval = 0  # steps between greedy and sampled continuations of fixed prompts, printed and logged (0 = off)
+eval_tasks = ""  # comma-separated lm-evaluation-harness tasks (or groups) scored on the live model, e.g.
+#                  'hellaswag,arc_easy,piqa' (harness.py; pip install lm-eval); '' = off
+eval_tasks_interval = 0  # steps between task evaluations (0 = only at the end of the schedule)
+eval_tasks_limit = 0  # examples per task, for a cheap signal; 0 = all of each task's evaluation split
+eval_tasks_path = ""  # a directory of extra lm-eval task YAML files (local tasks); '' = lm-eval's own only
 log_checksums = False  # log records carry per-rank parameter and batch checksums (for tests and debugging)
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = "smoltrain"
@@ -184,7 +189,8 @@ if attn_impl == "flash_attention_2" and (device == "cpu" or dtype != "bfloat16")
         f"use --dtype=bfloat16 on a GPU, or --attn_impl=flex_attention (GPU) or sdpa")
 for minimum, keys in ((1, ("batch_size", "grad_accum", "block_size", "keep_last", "eval_iters", "log_interval",
                            "save_interval")),
-                      (0, ("max_steps", "train_tokens", "warmup_tokens", "eval_interval", "sample_interval", "grad_clip"))):
+                      (0, ("max_steps", "train_tokens", "warmup_tokens", "eval_interval", "sample_interval", "grad_clip",
+                           "eval_tasks_interval", "eval_tasks_limit"))):
     if any(cfg[k] < minimum for k in keys):
         die(f"{', '.join(f'{k}={cfg[k]}' for k in keys if cfg[k] < minimum)}: {', '.join(keys)} must be >= {minimum}")
 if not 0 < decay_frac <= 1:
@@ -204,14 +210,24 @@ if parallel == "fsdp" and optimizer == "adafactor":
     die("optimizer='adafactor' cannot run with parallel='fsdp': its factored row and column statistics span whole "
         "matrices, which FSDP splits over ranks. Use --optimizer=adamw (with --param_dtype=bfloat16 for 8 bytes a "
         "parameter), or parallel='ddp'")
-sample_tokenizer = None
-if sample_interval:  # loaded now, so that a missing tokenizer stops the run before training, not at the first sample
+text_tokenizer = None
+if sample_interval or eval_tasks:  # loaded now: a missing tokenizer stops the run before training, not at its first use
     try:
-        sample_tokenizer = load_tokenizer()
+        text_tokenizer = load_tokenizer()
     except TokenizerError as e:
-        die(f"sample_interval={sample_interval} needs the tokenizer: {e}")
+        die(f"{'sample_interval' if sample_interval else 'eval_tasks'} needs the tokenizer: {e}")
+task_suite = None
+if eval_tasks:  # the tasks and their data are loaded now, so that a bad name or missing data stops the run here
+    try:
+        import harness
+    except ImportError as e:
+        die(str(e))
+    try:
+        task_suite = harness.load_tasks(eval_tasks, eval_tasks_path)
+    except harness.TaskError as e:
+        die(str(e))
 try:  # validation in bits per byte needs each token's length in UTF-8 bytes, read from the tokenizer once
-    token_bytes = token_byte_lengths(sample_tokenizer or load_tokenizer(), vocab_size)
+    token_bytes = token_byte_lengths(text_tokenizer or load_tokenizer(), vocab_size)
 except TokenizerError as e:
     token_bytes = None
     print0(f"warning: validation reports no val_bpb (bits per byte): {e}")
@@ -235,8 +251,9 @@ if problem := optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2), muon_
 if train_tokens == 0 and not (dry_run and not os.path.exists(os.path.join(data_dir, "meta.json"))):
     train_tokens = count_tokens(data_dir, "train")  # one epoch; a dry run without data leaves it unknown
 planned_steps = math.ceil(train_tokens / tokens_per_step)
-log_every, eval_every, save_every, sample_every = (max(1, round(i * step_cadence))
-                                                   for i in (log_interval, eval_interval, save_interval, sample_interval))
+log_every, eval_every, save_every, sample_every, tasks_every = (
+    max(1, round(i * step_cadence)) for i in (log_interval, eval_interval, save_interval, sample_interval,
+                                              eval_tasks_interval))
 
 
 def describe_plan(model):
@@ -259,7 +276,9 @@ def describe_plan(model):
         f"schedule: warmup {warmup_tokens:,} tokens ({math.ceil(warmup_tokens / tokens_per_step)} steps), {shape} "
         + (f"{train_tokens:,} tokens = {planned_steps} steps{stop}" if train_tokens else
            f"one epoch of {data_dir} (not prepared yet; or set --train_tokens){stop}"),
-    ] + ([f"warning: warmup_tokens={warmup_tokens:,} >= train_tokens: the LR never reaches its peak"]
+    ] + ([f"eval_tasks: {', '.join(task_suite.names)}" + (f", {eval_tasks_limit} examples each" if eval_tasks_limit
+          else "") + (f", every {tasks_every} steps and" if eval_tasks_interval else ",") + " at the end of the schedule"]
+         if task_suite else []) + ([f"warning: warmup_tokens={warmup_tokens:,} >= train_tokens: the LR never reaches its peak"]
          if 0 < train_tokens <= warmup_tokens else []))
 
 
@@ -434,6 +453,8 @@ model.set_activation_checkpointing(activation_checkpointing)
 ddp_model = parallel_wrap(model, parallel, device_type, local_rank, world_size, grad_accum, dtype) if ddp else model
 opt = optim.make_optimizer(model, optimizer, param_dtype, peak_lr, (beta1, beta2), weight_decay, seed, device_type,
                            muon_lr=peak_muon_lr)  # after FSDP's sharding: it steps the shards
+task_model = harness.ModelLM(model, text_tokenizer, block_size, batch_size, device, autocast,
+                             sharded=ddp and parallel == "fsdp", log=print0) if task_suite else None
 if ckpt:
     run_settings = optim.group_settings(opt)
     load_optimizer_state(model, opt, ckpt["optimizer"], parallel if ddp else "ddp")
@@ -546,7 +567,7 @@ def sample_text():
     """A greedy and a sampled (temperature 0.8, top 50) continuation of each of SAMPLE_PROMPTS. Every rank runs it
     (a sharded model needs them all), with a private RNG so that training's random stream is untouched; compiled
     layers run eagerly here, as generation changes shapes every token."""
-    enc = sample_tokenizer
+    enc = text_tokenizer
 
     def text(ids):
         ids = ids[0].tolist()
@@ -755,7 +776,8 @@ while step < stop_step and tokens_seen < train_tokens:
     epoch_seen = epoch
     save_now = done or (save_strategy == "steps" and step % save_every == 0) or (save_strategy == "epoch" and new_epoch)
     sample_now = sample_interval and (step % sample_every == 0 or done)
-    if not (log_now or eval_now or save_now or sample_now):
+    tasks_now = task_suite and ((eval_tasks_interval and step % tasks_every == 0) or tokens_seen >= train_tokens)
+    if not (log_now or eval_now or save_now or sample_now or tasks_now):
         continue
     loss, attended, bad_step, weights_bad = check_health(loss, first_bad_step, check_weights=save_now)
     if bad_step or weights_bad:
@@ -806,6 +828,13 @@ while step < stop_step and tokens_seen < train_tokens:
         if keep_best and (best is None or mean_val < best["val_loss"]):
             best, save_now = {"step": step, "val_loss": mean_val}, True  # saved now, kept through rotation
             print0(f"best | mean val loss {mean_val:.4f} at step {step}: kept as {checkpoint.path_for(out_dir, step)}")
+    if tasks_now:
+        scores = harness.score(task_model, task_suite, eval_tasks_limit)  # every rank: each scores its share
+        if master:
+            log_record({"step": step, "tokens": tokens_seen, **scores})
+            print("eval_tasks | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items() if "/" in k or k == "core")
+                  + f" | {scores['eval_tasks_examples']:,} examples in {scores['eval_tasks_s']:.1f} s "
+                  f"({1e3 * scores['eval_tasks_s'] / max(1, scores['eval_tasks_examples']):.0f} ms each)", flush=True)
     if sample_now:
         samples = sample_text()
         if master:

@@ -201,6 +201,7 @@ def load_preset(name):
     ("deepone", 125_355_136, 60_966_016),
     ("qwen3_138m", 137_752_320, 99_118_848),
     ("llama_52m", 51_980_800, 26_225_152),
+    ("smollm2_135m", 135_178_560, 106_203_456),
     ("smoke", 13_304_576, 426_752),
 ])
 def test_preset_param_counts(name, total, body):
@@ -221,6 +222,12 @@ def test_preset_shapes():
     llama = ModelConfig(**load_preset("llama_52m"))
     assert (llama.d_model, llama.n_layer, llama.n_head, llama.n_kv_head, llama.d_ff) == (512, 10, 8, 2, 1280)
     assert llama.tie_embeddings and not llama.qk_norm
+    smollm2 = ModelConfig(**load_preset("smollm2_135m"))
+    assert (smollm2.family, smollm2.d_model, smollm2.n_layer, smollm2.n_head, smollm2.n_kv_head, smollm2.d_ff,
+            smollm2.block_size) == ("llama", 576, 30, 9, 3, 1536, 2048)
+    assert smollm2.tie_embeddings and not smollm2.qk_norm and smollm2.norm_eps == 1e-5
+    with torch.device("meta"):  # with SmolLM's 49,152-token vocabulary: SmolLM2-135M's 134,515,008 parameters
+        assert Transformer(dataclasses.replace(smollm2, vocab_size=49152)).num_params() == 134_515_008
 
 
 def test_smoke_model_memorizes_a_batch():
