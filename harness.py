@@ -8,6 +8,7 @@ Downstream benchmarks on the live model: lm-evaluation-harness tasks scored by s
     tasks = load_tasks("hellaswag,arc_easy", include_path="")    # at start: TaskError names what is wrong
     lm = ModelLM(model, enc, block_size, rows=8, device="cuda:0", autocast=ctx)
     record = score(lm, tasks, limit=200)    # {"task_acc/hellaswag": ..., "task_acc_norm/...": ..., "core": ...}
+    print(summary(record, tasks))           # hellaswag acc_norm 0.2950 (centered 0.0600) | ... | core 0.0412 | ...
 
 ModelLM is an lm-eval model (TemplateLM) whose log-likelihoods come from smoltrain's Transformer: each request's
 tokens as lm-eval's HFLM with add_bos_token=True forms them (<|endoftext|> first, as every training document
@@ -35,7 +36,7 @@ import torch.distributed as dist
 
 import checkpoint
 
-INSTALL = "pip install 'lm-eval>=0.4' (or pip install -r requirements-extras.txt)"
+INSTALL = "pip install 'lm-eval>=0.4.13' (or pip install -r requirements-extras.txt)"
 try:
     from lm_eval.api.model import TemplateLM
 except ImportError as e:  # train.py imports this file only when eval_tasks is set, and reports this message
@@ -58,6 +59,9 @@ def load_tasks(names, include_path=""):
         local = TaskManager(include_path=include_path, include_defaults=False)
         manager = local if all(n in local.all_tasks for n in wanted) else None
     manager = manager or TaskManager(include_path=include_path or None)
+    if not hasattr(manager, "load"):
+        raise TaskError(f"eval_tasks needs lm-evaluation-harness 0.4.13 or newer (TaskManager.load): "
+                        f"pip install -U 'lm-eval>=0.4.13'")
     unknown = [n for n in wanted if n not in manager.all_tasks]
     if unknown:
         hints = [f"{n} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(n, manager.all_tasks,
@@ -67,7 +71,12 @@ def load_tasks(names, include_path=""):
                            "; a local task's YAML goes in a directory named by --eval_tasks_path"))
     with preserved_rng():  # building a task may draw from the global RNGs (few-shot samplers)
         try:
-            tasks = manager.load(wanted) if hasattr(manager, "load") else _legacy_task_dict(wanted, manager)
+            loaded, leaves = {"tasks": {}, "groups": {}, "group_map": {}}, {}
+            for name in wanted:  # one at a time, to know which tasks each name (a task, group or tag) stands for
+                one = manager.load([name])
+                leaves[name] = list(one["tasks"])
+                for key, value in loaded.items():
+                    value.update(one.get(key) or {})
         except Exception as e:  # datasets raises many types: ConnectionError, FileNotFoundError, DatasetNotFoundError
             reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             raise TaskError(
@@ -76,36 +85,20 @@ def load_tasks(names, include_path=""):
                 f"without network, load the tasks once where the hub is reachable (e.g. lm_eval --model dummy "
                 f"--tasks {','.join(wanted)} --limit 1) with the same HF_HOME, then run with HF_DATASETS_OFFLINE=1") \
                 from None
-    odd = {name: task.OUTPUT_TYPE for name, task in tasks["tasks"].items() if task.OUTPUT_TYPE not in SCORED_TYPES}
+    odd = {name: task.OUTPUT_TYPE for name, task in loaded["tasks"].items() if task.OUTPUT_TYPE not in SCORED_TYPES}
     if odd:
         raise TaskError(f"eval_tasks: {', '.join(f'{n} ({t})' for n, t in odd.items())}: only tasks scored by "
                         f"log-likelihood run during training ({', '.join(SCORED_TYPES)}); score generative tasks "
                         f"after training: python export.py, then lm_eval --model hf")
-    return Tasks(wanted, tasks)
+    return Tasks(leaves, loaded)
 
 
 @dataclasses.dataclass
 class Tasks:
-    """What load_tasks loaded: the names asked for (tasks or groups) and lm-eval's {"tasks", "groups", "group_map"}."""
-    names: list
+    """What load_tasks loaded: {each name asked for (a task, group or tag): the tasks it stands for}, and lm-eval's
+    {"tasks", "groups", "group_map"} of them all, as lm_eval.evaluator.evaluate takes it."""
+    leaves: dict
     lm_eval: dict
-
-
-def _legacy_task_dict(wanted, manager):
-    """lm-eval before TaskManager.load: the same {"tasks", "groups", "group_map"} from get_task_dict's nesting."""
-    from lm_eval.tasks import get_task_dict
-    flat, group_map = {}, {}
-
-    def walk(d):
-        for key, value in d.items():
-            name = getattr(key, "group_name", key) if not isinstance(key, str) else key
-            if isinstance(value, dict):
-                group_map[name] = [getattr(k, "group_name", k) if not isinstance(k, str) else k for k in value]
-                walk(value)
-            else:
-                flat[name] = value
-    walk(get_task_dict(wanted, manager))
-    return {"tasks": flat, "groups": {}, "group_map": group_map}
 
 
 class preserved_rng:
@@ -278,37 +271,53 @@ class ModelLM(TemplateLM):
 
 def score(lm, tasks, limit=0):
     """Score load_tasks' Tasks with lm, at most `limit` examples a task (0 = all); returns the log record's fields:
-    task_acc/<task> and task_acc_norm/<task> (where the task reports it; a group's tasks each), "core", the examples
-    scored, the requests (one per choice) and input tokens they took, and the wall time in seconds."""
+    per task (a group's or tag's each) task_acc/<task> and task_acc_norm/<task> (where it reports them; perplexity
+    tasks task_word_perplexity/<task> and task_bits_per_byte/<task>), per name asked for task_centered/<name> (the
+    mean over its tasks), "core" (their mean), the examples scored, the requests (one per choice) and input tokens
+    they took, and the wall time in seconds (eval_tasks_s)."""
     from lm_eval.evaluator import evaluate
     start, lm.requests_scored, lm.tokens_scored = time.time(), 0, 0
     with preserved_rng():
         results = evaluate(lm, tasks.lm_eval, limit=limit or None, log_samples=True, bootstrap_iters=0,
                            verbosity="ERROR")
-    metrics, group_map = results["results"], tasks.lm_eval.get("group_map") or {}
-
-    def leaves(name):
-        return [leaf for child in group_map[name] for leaf in leaves(child)] if name in group_map else [name]
-
+    metrics = results["results"]
     record, centered, examples = {}, {}, 0
     for task, samples in results["samples"].items():
         examples += len(samples)
+        for metric in ("acc", "acc_norm", "word_perplexity", "bits_per_byte"):
+            if f"{metric},none" in metrics[task]:
+                record[f"task_{metric}/{task}"] = metrics[task][f"{metric},none"]
         acc = metrics[task].get("acc_norm,none", metrics[task].get("acc,none"))
         if acc is None:  # a perplexity task (loglikelihood_rolling): no accuracy, not in core
             continue
         multiple_choice = tasks.lm_eval["tasks"][task].OUTPUT_TYPE == "multiple_choice"
         chance = sum(1 / len(s["filtered_resps"]) for s in samples) / len(samples) if multiple_choice else 0.0
         centered[task] = (acc - chance) / (1 - chance)
-    for name in tasks.names:
-        for task in leaves(name):
-            for metric in ("acc", "acc_norm", "word_perplexity", "bits_per_byte"):
-                if f"{metric},none" in metrics.get(task, {}):
-                    record[f"task_{metric}/{task}"] = metrics[task][f"{metric},none"]
-    named = [sum(centered[t] for t in leaves(n)) / len(leaves(n)) for n in tasks.names
-             if all(t in centered for t in leaves(n))]
+    named = {}
+    for name, leaves in tasks.leaves.items():
+        if leaves and all(t in centered for t in leaves):  # a group or tag: the mean of its tasks
+            named[name] = record[f"task_centered/{name}"] = sum(centered[t] for t in leaves) / len(leaves)
     if named:
-        record["core"] = sum(named) / len(named)
+        record["core"] = sum(named.values()) / len(named)
     record["eval_tasks_examples"] = examples
     record["eval_tasks_requests"], record["eval_tasks_tokens"] = lm.requests_scored, lm.tokens_scored
     record["eval_tasks_s"] = time.time() - start
     return record
+
+
+def summary(record, tasks):
+    """One line for train.py's output: per name its accuracy (acc_norm, else acc; a group's tasks' mean) or word
+    perplexity, the centered accuracy, core, and what the evaluation cost."""
+    parts = []
+    for name, leaves in tasks.leaves.items():
+        for metric in ("acc_norm", "acc", "word_perplexity"):
+            values = [record[f"task_{metric}/{t}"] for t in leaves if f"task_{metric}/{t}" in record]
+            if values:
+                parts.append(f"{name} {metric} {sum(values) / len(values):.4f}"
+                             + (f" (centered {record[f'task_centered/{name}']:.4f})"
+                                if f"task_centered/{name}" in record else ""))
+                break
+    if "core" in record:
+        parts.append(f"core {record['core']:.4f}")
+    n, seconds = record["eval_tasks_examples"], record["eval_tasks_s"]
+    return " | ".join(parts + [f"{n:,} examples in {seconds:.1f} s ({1e3 * seconds / max(1, n):.0f} ms each)"])

@@ -276,7 +276,7 @@ def describe_plan(model):
         f"schedule: warmup {warmup_tokens:,} tokens ({math.ceil(warmup_tokens / tokens_per_step)} steps), {shape} "
         + (f"{train_tokens:,} tokens = {planned_steps} steps{stop}" if train_tokens else
            f"one epoch of {data_dir} (not prepared yet; or set --train_tokens){stop}"),
-    ] + ([f"eval_tasks: {', '.join(task_suite.names)}" + (f", {eval_tasks_limit} examples each" if eval_tasks_limit
+    ] + ([f"eval_tasks: {', '.join(task_suite.leaves)}" + (f", {eval_tasks_limit} examples each" if eval_tasks_limit
           else "") + (f", every {tasks_every} steps and" if eval_tasks_interval else ",") + " at the end of the schedule"]
          if task_suite else []) + ([f"warning: warmup_tokens={warmup_tokens:,} >= train_tokens: the LR never reaches its peak"]
          if 0 < train_tokens <= warmup_tokens else []))
@@ -832,9 +832,7 @@ while step < stop_step and tokens_seen < train_tokens:
         scores = harness.score(task_model, task_suite, eval_tasks_limit)  # every rank: each scores its share
         if master:
             log_record({"step": step, "tokens": tokens_seen, **scores})
-            print("eval_tasks | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items() if "/" in k or k == "core")
-                  + f" | {scores['eval_tasks_examples']:,} examples in {scores['eval_tasks_s']:.1f} s "
-                  f"({1e3 * scores['eval_tasks_s'] / max(1, scores['eval_tasks_examples']):.0f} ms each)", flush=True)
+            print(f"eval_tasks | {harness.summary(scores, task_suite)}", flush=True)
     if sample_now:
         samples = sample_text()
         if master:

@@ -33,12 +33,13 @@ def write_tasks(folder):
              "choices": [WORDS[(i + k) % 10] + (" again" if k == 1 else "") for k in range(2 + i % 3)]}
             for i in range(24)]
     (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / "tiny_mc.yaml").write_text(
-        "task: smoltrain_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    validation: {folder / 'mc.jsonl'}\nvalidation_split: validation\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    for name, prompt in (("smoltrain_tiny_mc", "{{question}}"), ("smoltrain_tiny_mc2", "Answer: {{question}}")):
+        (folder / f"{name}.yaml").write_text(  # both tagged smoltrain_tiny_tag
+            f"task: {name}\ntag: [smoltrain_tiny_tag]\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    validation: {folder / 'mc.jsonl'}\nvalidation_split: validation\noutput_type: multiple_choice\n"
+            f'doc_to_text: "{prompt}"\ndoc_to_choice: "{{{{choices}}}}"\ndoc_to_target: "{{{{answer}}}}"\n'
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
     texts = [{"text": " ".join(WORDS[(i * 7 + j) % 10] for j in range(40 + 30 * i)) + "."} for i in range(3)]
     (folder / "ppl.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
     (folder / "tiny_ppl.yaml").write_text(
@@ -84,9 +85,11 @@ def test_scores_are_logged_with_core_and_leave_training_unchanged(scored):
         assert r["task_word_perplexity/smoltrain_tiny_ppl"] > 1 and r["task_bits_per_byte/smoltrain_tiny_ppl"] > 0
         # core: centered acc_norm of the one task with choices; chance = mean of 1/choices over its examples
         chance = sum(1 / len(d["choices"]) for d in scored["docs"]) / len(scored["docs"])
-        assert r["core"] == pytest.approx((r["task_acc_norm/smoltrain_tiny_mc"] - chance) / (1 - chance))
+        assert r["core"] == r["task_centered/smoltrain_tiny_mc"] == pytest.approx(
+            (r["task_acc_norm/smoltrain_tiny_mc"] - chance) / (1 - chance))
         assert r["eval_tasks_examples"] == 24 + 3 and r["eval_tasks_s"] > 0 and r["tokens"] == r["step"] * 128
-    assert "eval_tasks | task_acc/smoltrain_tiny_mc" in scored["stdout"] and "ms each" in scored["stdout"]
+    assert "eval_tasks | smoltrain_tiny_mc acc_norm " in scored["stdout"] and "ms each" in scored["stdout"]
+    assert "(centered " in scored["stdout"] and "smoltrain_tiny_ppl word_perplexity " in scored["stdout"]
     assert "batches of 2 x 64" in scored["stdout"]  # progress
     # the same losses, weights and batches at every step as the run without evaluations
     a, b = records(scored["with"]), records(scored["without"])
@@ -137,6 +140,18 @@ def test_log_likelihoods_equal_lm_eval_hf_on_the_export(scored):
         assert logged[f"task_{metric}/smoltrain_tiny_mc"] == pytest.approx(results["smoltrain_tiny_mc"][f"{metric},none"])
     assert logged["task_word_perplexity/smoltrain_tiny_ppl"] == pytest.approx(
         results["smoltrain_tiny_ppl"]["word_perplexity,none"], rel=1e-4)
+    # a tag (or group) stands for its tasks: its centered accuracy is their mean, and core the mean over the names
+    tagged = harness.load_tasks("smoltrain_tiny_tag,smoltrain_tiny_mc", str(tmp / "tasks"))
+    assert tagged.leaves == {"smoltrain_tiny_tag": ["smoltrain_tiny_mc", "smoltrain_tiny_mc2"],
+                             "smoltrain_tiny_mc": ["smoltrain_tiny_mc"]}
+    record = harness.score(lm, tagged)
+    chance = sum(1 / len(d["choices"]) for d in scored["docs"]) / len(scored["docs"])
+    centered = {t: (record[f"task_acc_norm/{t}"] - chance) / (1 - chance) for t in tagged.leaves["smoltrain_tiny_tag"]}
+    assert record["task_centered/smoltrain_tiny_tag"] == pytest.approx(sum(centered.values()) / 2)
+    assert record["core"] == pytest.approx((record["task_centered/smoltrain_tiny_tag"]
+                                            + centered["smoltrain_tiny_mc"]) / 2)
+    assert record["task_acc_norm/smoltrain_tiny_mc"] == logged["task_acc_norm/smoltrain_tiny_mc"]
+    assert record["eval_tasks_examples"] == 2 * 24 and record["eval_tasks_requests"] == 2 * compared - 6
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -168,7 +183,7 @@ def test_refusals_come_before_training(prepared_data, tmp_path):
         (["--eval_tasks=smoltrain_tiny_hub"], env, ["the data of smoltrain_tiny_hub could not be loaded",
                                                              "HF_DATASETS_OFFLINE=1"]),
         (["--eval_tasks=smoltrain_tiny_mc"], {**env, "PYTHONPATH": str(stub)},
-         ["eval_tasks needs lm-evaluation-harness", "pip install 'lm-eval>=0.4'"]),
+         ["eval_tasks needs lm-evaluation-harness", "pip install 'lm-eval>=0.4.13'"]),
         (["--eval_tasks=smoltrain_tiny_mc", "--eval_tasks_limit=-1"], env,
          ["eval_tasks_limit=-1", "must be >= 0"]),
     ]
