@@ -189,6 +189,7 @@ class ModelLM(TemplateLM):
         misses = torch.zeros(len(mine), dtype=torch.float64, device=self.device_name)  # non-greedy tokens
         empty = ([0] * length, [0] * length, [], [], [])
         start, shown = time.time(), 0
+        last = start
         model = self.model
         was_training = model.training
         model.eval()
@@ -199,9 +200,9 @@ class ModelLM(TemplateLM):
                 rows = batches[b] if b < len(batches) else []
                 rows = rows + [empty] * (per_batch - len(rows))
                 self._forward(rows, length, sums, misses)
-                done = math.floor(10 * (b + 1) / n_batches)
-                if self.log and done > shown:
-                    shown = done
+                done = math.floor(10 * (b + 1) / n_batches)  # in tenths; shown at most every 10 s, and at the end
+                if self.log and ((done > shown and time.time() - last >= 10) or b + 1 == n_batches):
+                    shown, last = done, time.time()
                     self.log(f"eval_tasks | {b + 1}/{n_batches} batches of {per_batch} x {length} "
                              f"({len(sequences):,} requests over {self.ranks} rank(s)) | {time.time() - start:.1f} s")
         finally:
