@@ -215,7 +215,8 @@ if sample_interval or eval_tasks:  # loaded now: a missing tokenizer stops the r
     try:
         text_tokenizer = load_tokenizer()
     except TokenizerError as e:
-        die(f"{'sample_interval' if sample_interval else 'eval_tasks'} needs the tokenizer: {e}")
+        die(f"{f'sample_interval={sample_interval}' if sample_interval else f'eval_tasks={eval_tasks!r}'} needs the "
+            f"tokenizer: {e}")
 task_suite = None
 if eval_tasks:  # the tasks and their data are loaded now, so that a bad name or missing data stops the run here
     try:
