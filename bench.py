@@ -17,7 +17,6 @@ Takes the same config files and --key=value overrides as train.py (every train.p
 that don't affect a step are ignored), plus the bench keys below. Each measurement of a sweep ('all') runs in a
 fresh process, so its peak memory is its own. Every table says what produced it: device, torch, dtype, compile.
 """
-import ast
 import json
 import os
 import re
@@ -31,10 +30,10 @@ import torch
 
 import memory
 import optim
-from configurator import configure
+from configurator import configure, script_keys
 from data import cu_seqlens_of
-from model import (ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, checkpoint_every, default_attn_impl,
-                   default_dtype, gpu_peak_tflops, varlen_kernel)
+from model import ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, checkpoint_every, varlen_kernel
+from runtime import default_attn_impl, gpu_peak_tflops, resolve
 
 HERE = Path(__file__).resolve().parent
 BENCH_DEFAULTS = {
@@ -56,34 +55,10 @@ BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile", "memory", "ta
                  "batch": ("synthetic", "data")}
 
 
-def train_choices():
-    """train.py's CHOICES dict (the allowed values of its string keys), read from its source like the defaults."""
-    tree = ast.parse((HERE / "train.py").read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.Assign)
-                and any(isinstance(t, ast.Name) and t.id == "CHOICES" for t in n.targets))
-    return ast.literal_eval(node.value)
-
-
-def train_defaults():
-    """train.py's defaults, read from its source (no file imports train.py): the literal assignments above its
-    configurator call, i.e. every key it accepts."""
-    tree = ast.parse((HERE / "train.py").read_text())
-    defaults = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CHOICES" for t in node.targets):
-            break
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                defaults[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-    return defaults
-
-
 def resolve_device_dtype(cfg):
-    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if cfg["param_dtype"] == "bfloat16"
-                                                          else default_dtype(device))  # as train.py resolves it
+    """cfg's device and compute dtype, 'auto' resolved as train.py resolves it (runtime.resolve); the attention
+    backend is checked per measurement (attn_impl may be 'all')."""
+    device, dtype, _, _ = resolve(cfg["device"], cfg["dtype"], cfg["param_dtype"])
     return device, dtype
 
 
@@ -114,11 +89,9 @@ def synthetic_batch(cfg, device):
 
 def data_batch(cfg, device):
     """The first batch train.py reads from data_dir on rank 0 of one (same loader, same seed): real documents."""
-    from data import PackedLoader, read_meta
-    data_vocab = read_meta(cfg["data_dir"])["vocab_size"]
-    if data_vocab > cfg["vocab_size"]:
-        raise SystemExit(f"bench.py: vocab_size={cfg['vocab_size']} is below the {data_vocab} tokens of the data's "
-                         f"tokenizer")
+    from data import PackedLoader, vocab_problem
+    if problem := vocab_problem(cfg["data_dir"], cfg["vocab_size"]):
+        raise SystemExit(f"bench.py: {problem}")
     loader = PackedLoader(cfg["data_dir"], "train", cfg["block_size"], cfg["batch_size"], seed=cfg["seed"])
     return tuple(t.to(device) for t in loader.next_batch())
 
@@ -427,10 +400,12 @@ def bench_memory(cfg):
 
 
 def main():
-    choices = {**train_choices(), **BENCH_CHOICES}
+    train_defaults, train_choices = script_keys(HERE / "train.py")  # every train.py key, its defaults and choices
+    choices = {**train_choices, **BENCH_CHOICES}
     choices["attn_impl"] += ("all",)
-    cfg = configure({**train_defaults(), **BENCH_DEFAULTS}, sys.argv[1:], choices=choices)
+    cfg = configure({**train_defaults, **BENCH_DEFAULTS}, sys.argv[1:], choices=choices)
     try:
+        resolve_device_dtype(cfg)
         checkpoint_every(cfg["activation_checkpointing"])
     except ValueError as e:
         raise SystemExit(f"bench.py: {e}") from None

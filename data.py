@@ -50,6 +50,14 @@ def read_meta(data_dir):
     return meta
 
 
+def vocab_problem(data_dir, vocab_size):
+    """'' when a model of vocab_size tokens can read the prepared data in data_dir, else the message saying why not."""
+    data_vocab = read_meta(data_dir)["vocab_size"]
+    if data_vocab > vocab_size:
+        return f"vocab_size={vocab_size} is below the {data_vocab} tokens of the data's tokenizer"
+    return ""
+
+
 def count_tokens(data_dir, split="train"):
     """Tokens of all ranks together in one epoch of `split` (e.g. for the default training length)."""
     meta = read_meta(data_dir)

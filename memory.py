@@ -11,7 +11,7 @@ Activations are the bytes autograd saves for backward, counted with saved_tensor
 at the full width and for the final norm + head + loss, each at two token counts (a fixed part + a per-token part),
 then scaled to the layers and tokens of a micro-step. With compile=True (train.py's default) the Block is compiled
 first, as train.py compiles it, and its bytes are those the compiled graph saves: against three H100
-measurements with compile (issue 8) the predicted peaks were 1-11% above the measured ones; eager layers'
+measurements with compile the predicted peaks were 1-11% above the measured ones; eager layers'
 (--compile=False) were 35-66% above. Attention is measured with sdpa's causal kernel, which saves
 what flex_attention and flash attention save (q, k, v, output, log-sum-exp). Added on top: the fp32 working copies
 of the largest parameter slice in the optimizer step, the head's fp32 logits chunk, and under FSDP two gathered

@@ -23,7 +23,6 @@ chunked head + cross-entropy that never holds fp32 logits for the whole batch. P
 import importlib
 import inspect
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -312,7 +311,7 @@ class Attention(nn.Module):
         elif self.attn_impl == "sdpa" and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif self.attn_impl == "sdpa":
-            # With an attn_mask, enable_gqa sends CUDA SDPA to its math kernel (pytorch issue 139586): expand
+            # With an attn_mask, enable_gqa sends CUDA SDPA to its math kernel (pytorch/pytorch#139586): expand
             # the kv heads instead, which keeps the memory-efficient kernel.
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -603,38 +602,3 @@ class Transformer(nn.Module):
                 next_token = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Runtime choices shared by train.py and bench.py: what 'auto' means on a device, and the peak for MFU.
-
-def default_attn_impl(device_type):
-    """flex_attention on GPU (block-sparse document masks); sdpa on CPU, where flex has no backward."""
-    return "flex_attention" if device_type == "cuda" else "sdpa"
-
-
-def default_dtype(device_type):
-    """bfloat16 autocast where matmuls run natively in bf16 (CUDA; CPUs with AVX512-BF16 or AMX, as oneDNN
-    reports them), else float32: on a CPU without them bf16 is emulated and slower than fp32."""
-    if device_type == "cuda":
-        return "bfloat16"
-    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-
-
-# Dense bf16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's datasheets (the sparsity figures halved; L40:
-# "BF16 Tensor Core 181.05 TFLOPS", L40S: 362.05). A key matches the device name as whole words ("L4" does not match
-# "NVIDIA L40") and the longest matching key wins ("H100 PCIe" over "H100").
-PEAK_BF16_TFLOPS = {"H100": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200": 989, "B200": 2250, "A100": 312,
-                    "L40S": 362, "L40": 181, "A10": 125, "L4": 121, "RTX 4090": 165}
-
-
-def gpu_peak_tflops(device_name):
-    """Dense bf16 peak of a GPU by name, or None when unknown (then pass it yourself: train.py --peak_tflops)."""
-    words = re.split(r"[\s\-_]+", device_name)  # "NVIDIA A100-SXM4-80GB" -> NVIDIA, A100, SXM4, 80GB
-    found = [key for key in PEAK_BF16_TFLOPS if _contains_words(words, key.split())]
-    return PEAK_BF16_TFLOPS[max(found, key=len)] if found else None
-
-
-def _contains_words(words, key_words):
-    n = len(key_words)
-    return any(words[i:i + n] == key_words for i in range(len(words) - n + 1))

@@ -283,9 +283,14 @@ def state_bytes(optimizer):
                if isinstance(t, torch.Tensor))
 
 
-def settings_problem(lr, min_lr, lr_scale, betas, muon_lr=0.0):
-    """What is wrong with train.py's LRs and betas, in one message naming the values, or '' when they are fine. lr,
-    min_lr and muon_lr are per sequence; lr_scale = sqrt(global batch in sequences) multiplies them."""
+def settings_problem(lr, min_lr, lr_scale, betas, muon_lr=0.0, name="adamw", sharded=False):
+    """What is wrong with train.py's optimizer settings (LRs, betas, an optimizer `name` that cannot step FSDP shards
+    when `sharded`), in one message naming the values, or '' when they are fine. lr, min_lr and muon_lr are per
+    sequence; lr_scale = sqrt(global batch in sequences) multiplies them."""
+    if sharded and name == "adafactor":
+        return ("optimizer='adafactor' cannot run with parallel='fsdp': its factored row and column statistics span "
+                "whole matrices, which FSDP splits over ranks. Use --optimizer=adamw (with --param_dtype=bfloat16 for "
+                "8 bytes a parameter), or parallel='ddp'")
     beta1, beta2 = betas
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):  # Adam's bias corrections divide by 1 - beta^step
         return f"beta1={beta1:g}, beta2={beta2:g}: both must lie in [0, 1), e.g. --beta1=0.9 --beta2=0.95"

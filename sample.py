@@ -17,7 +17,8 @@ import torch
 
 import checkpoint
 from configurator import configure
-from model import ATTN_IMPLS, default_attn_impl
+from model import ATTN_IMPLS
+from runtime import resolve
 from tokenizer import TokenizerError, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -30,17 +31,20 @@ temperature = 0.8  # 1.0 = the model's distribution; lower = more predictable
 top_k = 200  # sample among the k most likely tokens; 0 = all
 seed = 1337
 device = "auto"  # 'auto' | 'cuda' | 'cpu'
+dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA and on CPUs with native bf16, as train.py) | 'bfloat16' | 'float32'
 attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) or a ModelConfig attn_impl
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
 cfg = configure(defaults, sys.argv[1:],
-                choices={"device": ("auto", "cuda", "cpu"), "attn_impl": ("auto", *ATTN_IMPLS)})
+                choices={"device": ("auto", "cuda", "cpu"), "dtype": ("auto", "bfloat16", "float32"),
+                         "attn_impl": ("auto", *ATTN_IMPLS)})
 globals().update(cfg)
 
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-if device == "cuda" and not torch.cuda.is_available():
-    sys.exit("sample.py: device='cuda' but torch sees no GPU; use --device=cpu")
+try:  # an explicit attn_impl is checked where the model is built (checkpoint.load_model), naming the checkpoint
+    device, dtype, auto_attn_impl, _ = resolve(device, dtype)
+except ValueError as e:
+    sys.exit(f"sample.py: {e}")
+attn_impl = auto_attn_impl if attn_impl == "auto" else attn_impl
 if ckpt_path and not os.path.isfile(ckpt_path):
     folder = os.path.dirname(ckpt_path) or "."
     near = checkpoint.latest(folder) if os.path.isdir(folder) else None
@@ -62,14 +66,14 @@ try:  # before the checkpoint, which may be large: offline without tiktoken's ca
 except TokenizerError as e:
     sys.exit(f"sample.py: {e}")
 
-model, ckpt = checkpoint.load_model(path, attn_impl if attn_impl != "auto" else default_attn_impl(device))
+model, ckpt = checkpoint.load_model(path, attn_impl)
 model.to(device)
 print(f"{path}: step {ckpt['step']}, {ckpt['tokens_seen']:,} tokens seen", file=sys.stderr)
 del ckpt
 
 prompt = [enc.eot_token] + enc.encode_ordinary(start)  # training documents open with <|endoftext|> too
 idx = torch.tensor([prompt], dtype=torch.long, device=device)
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 torch.manual_seed(seed)
 with torch.no_grad(), autocast:

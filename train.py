@@ -47,12 +47,12 @@ import torch.nn.functional as F
 import checkpoint
 import optim
 from configurator import configure
-from data import PackedLoader, count_tokens, read_meta, to_device
+from data import PackedLoader, count_tokens, read_meta, to_device, vocab_problem
 from memory import peak_memory_gib
-from model import (ModelConfig, Transformer, attended_pairs, checkpoint_every, default_attn_impl, default_dtype,
-                   gpu_peak_tflops)
+from model import ModelConfig, Transformer, attended_pairs, checkpoint_every
 from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
 from parallel import wrap as parallel_wrap
+from runtime import gpu_peak_tflops, resolve
 from tokenizer import TokenizerError, load_tokenizer, token_byte_lengths
 
 # -----------------------------------------------------------------------------
@@ -131,7 +131,7 @@ device = "auto"  # 'auto' (cuda if available) | 'cuda' | 'cpu' (cpu = no acceler
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA and on CPUs with native bf16, else float32) | 'bfloat16' | 'float32'
 compile = True  # torch.compile the model's layers (model.compile_layers), before the DDP wrap
 compile_mode = "default"  # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
-#                           | 'max-autotune-no-cudagraphs'; 'default' until another one is measured faster (issue 8)
+#                           | 'max-autotune-no-cudagraphs'; 'default' until another one is measured faster
 param_dtype = "float32"  # weights, grads, optimizer state: 'float32' (16 B/param) | 'bfloat16' (8 B/param, optim.py)
 activation_checkpointing = None  # None or 'none' | 'all' | k (every k-th layer): recompute activations in backward
 peak_tflops = 0.0  # one device's dense bf16 peak for MFU; 0 = look up the GPU's name
@@ -169,47 +169,41 @@ def die(message):
     sys.exit(1)
 
 
-# device, precision, distributed backend
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-if device == "cuda" and not torch.cuda.is_available():
-    die("device='cuda' but torch sees no GPU (a CPU build of torch, or CUDA_VISIBLE_DEVICES empty); use --device=cpu")
-if backend == "auto":
-    backend = "nccl" if device == "cuda" else "gloo"
-if backend == "nccl" and device == "cpu":
-    die("backend='nccl' needs GPUs; on the CPU use --backend=gloo (or leave backend='auto')")
-if dtype == "auto":
-    dtype = "bfloat16" if param_dtype == "bfloat16" else default_dtype(device)
-if param_dtype == "bfloat16" and dtype != "bfloat16":
-    die("param_dtype='bfloat16' computes in bf16 (bf16 weights); use --dtype=bfloat16 or --dtype=auto with it")
-if attn_impl == "auto":
-    attn_impl = default_attn_impl(device)
-if attn_impl == "flash_attention_2" and (device == "cpu" or dtype != "bfloat16"):
-    die(f"attn_impl='flash_attention_2' runs on CUDA in bf16 only (here device={device!r}, dtype={dtype!r}); "
-        f"use --dtype=bfloat16 on a GPU, or --attn_impl=flex_attention (GPU) or sdpa")
-for minimum, keys in ((1, ("batch_size", "grad_accum", "block_size", "keep_last", "eval_iters", "log_interval",
-                           "save_interval")),
-                      (0, ("max_steps", "train_tokens", "warmup_tokens", "eval_interval", "sample_interval", "grad_clip",
-                           "eval_tasks_interval", "eval_tasks_limit"))):
-    if any(cfg[k] < minimum for k in keys):
-        die(f"{', '.join(f'{k}={cfg[k]}' for k in keys if cfg[k] < minimum)}: {', '.join(keys)} must be >= {minimum}")
-if not 0 < decay_frac <= 1:
-    die(f"decay_frac={decay_frac} must be in (0, 1]: the share of train_tokens that lr_schedule='wsd' decays over")
-if divergence_margin < 0:
-    die(f"divergence_margin={divergence_margin} must be >= 0 (0 turns the divergence stop off)")
-if step_cadence <= 0:
-    die(f"step_cadence={step_cadence} must be > 0 (it multiplies the log, eval and save intervals)")
-if dist_timeout_s < 0 or save_timeout_s <= 0:
-    die(f"dist_timeout_s={dist_timeout_s} must be >= 0 (0 = torch's default) and save_timeout_s={save_timeout_s} > 0")
+def loop_settings_problem(cfg):
+    """What is wrong with the loop's own settings (sizes, intervals, fractions, timeouts, activation checkpointing), as
+    one message naming the values, or '' when they are fine. The optimizer's are optim.settings_problem's."""
+    for minimum, keys in ((1, ("batch_size", "grad_accum", "block_size", "keep_last", "eval_iters", "log_interval",
+                               "save_interval")),
+                          (0, ("max_steps", "train_tokens", "warmup_tokens", "eval_interval", "sample_interval",
+                               "grad_clip", "eval_tasks_interval", "eval_tasks_limit"))):
+        if any(cfg[k] < minimum for k in keys):
+            return (f"{', '.join(f'{k}={cfg[k]}' for k in keys if cfg[k] < minimum)}: {', '.join(keys)} must be "
+                    f">= {minimum}")
+    if not 0 < cfg["decay_frac"] <= 1:
+        return (f"decay_frac={cfg['decay_frac']} must be in (0, 1]: the share of train_tokens that lr_schedule='wsd' "
+                f"decays over")
+    if cfg["divergence_margin"] < 0:
+        return f"divergence_margin={cfg['divergence_margin']} must be >= 0 (0 turns the divergence stop off)"
+    if cfg["step_cadence"] <= 0:
+        return f"step_cadence={cfg['step_cadence']} must be > 0 (it multiplies the log, eval and save intervals)"
+    if cfg["dist_timeout_s"] < 0 or cfg["save_timeout_s"] <= 0:
+        return (f"dist_timeout_s={cfg['dist_timeout_s']} must be >= 0 (0 = torch's default) and "
+                f"save_timeout_s={cfg['save_timeout_s']} > 0")
+    try:
+        checkpoint_every(cfg["activation_checkpointing"])
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+# device, precision, attention and distributed backends: what 'auto' means on this machine
 try:
-    checkpoint_every(activation_checkpointing)
+    device, dtype, attn_impl, backend = resolve(device, dtype, param_dtype, attn_impl, backend)
 except ValueError as e:
     die(str(e))
+if problem := loop_settings_problem(cfg):
+    die(problem)
 activation_checkpointing = "none" if activation_checkpointing is None else activation_checkpointing
-if parallel == "fsdp" and optimizer == "adafactor":
-    die("optimizer='adafactor' cannot run with parallel='fsdp': its factored row and column statistics span whole "
-        "matrices, which FSDP splits over ranks. Use --optimizer=adamw (with --param_dtype=bfloat16 for 8 bytes a "
-        "parameter), or parallel='ddp'")
 text_tokenizer = None
 if sample_interval or eval_tasks:  # loaded now: a missing tokenizer stops the run before training, not at its first use
     try:
@@ -247,7 +241,8 @@ except (TypeError, ValueError) as e:
 tokens_per_step = batch_size * block_size * grad_accum * world_size
 lr_scale = math.sqrt(batch_size * grad_accum * world_size)  # lr is for a global batch of one sequence
 peak_lr, final_lr, peak_muon_lr = lr * lr_scale, min_lr * lr_scale, muon_lr * lr_scale
-if problem := optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2), muon_lr if optimizer == "muon" else 0.0):
+if problem := optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2), muon_lr if optimizer == "muon" else 0.0,
+                                     optimizer, sharded=parallel == "fsdp"):
     die(problem)
 if train_tokens == 0 and not (dry_run and not os.path.exists(os.path.join(data_dir, "meta.json"))):
     train_tokens = count_tokens(data_dir, "train")  # one epoch; a dry run without data leaves it unknown
@@ -294,8 +289,8 @@ if dry_run:
     sys.exit(0)
 if train_tokens == 0:
     die(f"train_tokens=0: the prepared data in {data_dir} has no train tokens")
-if read_meta(data_dir)["vocab_size"] > vocab_size:
-    die(f"vocab_size={vocab_size} is below the {read_meta(data_dir)['vocab_size']} tokens of the data's tokenizer")
+if problem := vocab_problem(data_dir, vocab_size):
+    die(problem)
 
 if ddp:
     if device == "cuda":
@@ -697,29 +692,29 @@ def agree_to_stop():
     return stop > 0, int(epochs) // world_size
 
 
-def weights_finite():
-    """Whether every weight is finite, as a device tensor (no sync): one fused max|w| per parameter (NaN if the
-    parameter holds a NaN), then one isfinite over those. The loss and gradient norm are from before opt.step(), so
-    only this sees an update that overflowed the weights. Under FSDP each rank checks its own shards, which are
-    empty where a parameter has fewer rows than there are ranks (the max of nothing is an error, and nothing to check)."""
-    shards = [local(p) for p in model.parameters() if local(p).numel()]
-    if not shards:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.stack(torch._foreach_norm(shards, float("inf"))).isfinite().all()
-
-
 def check_health(loss, first_bad_step, check_weights):
-    """At log, eval and save points only (the one device sync of those steps): the step's loss averaged over ranks,
-    the attended (query, key) pairs of all ranks' batches since the last such point, the first step since the start
-    whose loss or gradient norm was not finite on any rank (0 if none), and, when check_weights (save points),
-    whether the weights are finite on every rank."""
-    weights_bad = ~weights_finite() if check_weights else torch.zeros((), dtype=torch.bool, device=loss.device)
+    """The run's health, at log, eval and save points only (the one device sync of those steps), over all ranks:
+    stops the run (exit 1, nothing saved) when the loss or gradient norm of any step since the start was not finite
+    (first_bad_step: the first such step, tracked on the device every step without a sync; 0 if none), or, when
+    check_weights (save points: no checkpoint may hold NaN weights), when a weight is not finite. The loss and
+    gradient norm are from before opt.step(), so only the weights show an update that overflowed them: one fused
+    max|w| per parameter (NaN if it holds a NaN), then one isfinite over those; under FSDP each rank checks its own
+    shards, skipping the empty ones of parameters with fewer rows than ranks. Returns the step's loss averaged over
+    ranks and the attended (query, key) pairs of all ranks' batches since the last such point."""
+    shards = [local(p) for p in model.parameters() if local(p).numel()] if check_weights else []
+    weights_bad = (~torch.stack(torch._foreach_norm(shards, float("inf"))).isfinite().all() if shards else
+                   torch.zeros((), dtype=torch.bool, device=loss.device))
     stats = torch.stack([loss.double(), attended_sum.double(), first_bad_step.double(), weights_bad.double()])
     if ddp:
         dist.all_reduce(stats[:2])
         dist.all_reduce(stats[2:], op=dist.ReduceOp.MAX)  # ranks agree: the gradient norm is the same everywhere
     loss_sum, attended, bad_step, weights_bad = stats.tolist()
-    return loss_sum / world_size, int(attended), int(bad_step), weights_bad > 0
+    if bad_step or weights_bad:
+        what = (f"non-finite loss or gradient norm at step {int(bad_step)} (loss now {loss_sum / world_size})"
+                if bad_step else f"non-finite weights after step {step} (the update at lr {lr_now:.3e} overflowed them)")
+        die(f"{what}; stopped without saving. The last good checkpoint is {checkpoint.latest(out_dir) or '(none)'}; "
+            f"resume from it with a lower --lr or --grad_clip.")
+    return loss_sum / world_size, int(attended)
 
 
 # -----------------------------------------------------------------------------
@@ -780,13 +775,7 @@ while step < stop_step and tokens_seen < train_tokens:
     tasks_now = task_suite and ((eval_tasks_interval and step % tasks_every == 0) or tokens_seen >= train_tokens)
     if not (log_now or eval_now or save_now or sample_now or tasks_now):
         continue
-    loss, attended, bad_step, weights_bad = check_health(loss, first_bad_step, check_weights=save_now)
-    if bad_step or weights_bad:
-        last = checkpoint.latest(out_dir)
-        what = (f"non-finite loss or gradient norm at step {bad_step} (loss now {loss})" if bad_step else
-                f"non-finite weights after step {step} (the update at lr {lr_now:.3e} overflowed them)")
-        die(f"{what}; stopped without saving. The last good checkpoint is {last or '(none)'}; resume from it with a "
-            f"lower --lr or --grad_clip.")
+    loss, attended = check_health(loss, first_bad_step, check_weights=save_now)  # stops the run if unhealthy
 
     if log_now:
         params = checksum(local(p) for p in model.parameters()) if log_checksums else None  # FSDP: own shards

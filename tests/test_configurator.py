@@ -1,7 +1,10 @@
 """configurator.configure: config files and --key=value overrides, applied in order, checked against the defaults."""
+import os
+
 import pytest
 
 from configurator import ConfigError, configure
+from conftest import ROOT
 
 DEFAULTS = {"out_dir": "out", "batch_size": 8, "lr": 1e-4, "compile": True, "n_kv_head": None, "device": "auto"}
 
@@ -59,3 +62,21 @@ def test_errors_in_config_files(tmp_path):
     with pytest.raises(ConfigError) as e:
         configure(DEFAULTS, [str(broken)])
     assert f"config file {broken} failed to run: ZeroDivisionError" in message(e)
+
+
+def test_readme_lists_exactly_train_py_keys_with_their_defaults():
+    """README's "Every key" table and train.py's defaults block (read by configurator.script_keys, as bench.py reads
+    it) name the same keys, with the same defaults."""
+    import ast
+    from configurator import script_keys
+    defaults, choices = script_keys(os.path.join(ROOT, "train.py"))
+    assert {"out_dir", "lr", "eval_tasks", "seed"} <= set(defaults) and "optimizer" in choices
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table = readme.split("Every key (the defaults block at the top of train.py):", 1)[1].split("\n\n", 2)[1]
+    listed = {}
+    for row in table.splitlines()[2:]:
+        key, default = (cell.strip().strip("`") for cell in row.split(" | ")[:2])
+        listed[key.lstrip("| `")] = ast.literal_eval(default)
+    assert sorted(listed) == sorted(defaults)
+    for key, value in defaults.items():
+        assert listed[key] == value and type(listed[key]) is type(value), (key, listed[key], value)

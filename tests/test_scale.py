@@ -424,9 +424,9 @@ def test_compiled_blocks_are_predicted_from_what_their_graphs_save(monkeypatch, 
 def test_1b7_preset_is_about_1_7b_and_predicted_to_fit_24_gb_under_ddp():
     import runpy
 
-    import bench
     import memory
-    cfg = {**bench.train_defaults(), **runpy.run_path(str(ROOT / "config" / "deepone_1b7.py"))}
+    from configurator import script_keys
+    cfg = {**script_keys(ROOT / "train.py")[0], **runpy.run_path(str(ROOT / "config" / "deepone_1b7.py"))}
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_dict(cfg, attn_impl="sdpa"))
     assert cfg["family"] == "deepone" and model.config.head_dim in (64, 128)

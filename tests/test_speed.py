@@ -1,4 +1,4 @@
-"""Tests for the GPU-speed work (issue 8): the flash_attention_2 backend's plumbing, honest MFU (train.py and bench.py
+"""GPU speed: the flash_attention_2 backend's plumbing, honest MFU (train.py and bench.py
 count the same FLOPs for the same batch), bench.py --what=profile, compile_mode, and the GPU-only checks.
 
     python -m pytest -q tests/test_speed.py

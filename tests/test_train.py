@@ -296,7 +296,7 @@ def test_non_finite_loss_stops_without_saving(prepared_data, tmp_path):
 
 def test_overflowed_weights_are_never_saved_and_infinite_lr_is_refused(prepared_data, tmp_path):
     # Step 1's loss and gradients are finite; its update multiplies the weights by 1 - lr x weight_decay = -1.4e39,
-    # which overflows fp32: the save after it must be refused (it used to save inf/NaN weights and exit 0).
+    # which overflows fp32: the save after it must be refused, not write inf/NaN weights and exit 0.
     args = TINY + ["--batch_size=2", "--train_tokens=4096", "--eval_interval=0", "--save_interval=1",
                    "--warmup_tokens=0", "--min_lr=0", "--log_checksums=False"]
     proc = train(tmp_path / "a", prepared_data, *args, "--lr=1e37", "--weight_decay=100", "--max_steps=1",
