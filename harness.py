@@ -170,13 +170,13 @@ class ModelLM(TemplateLM):
         self.tokens_scored += sum(len(seq) - 1 for seq, _ in sequences)  # the inputs, over all ranks
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))  # longest first: rows fill well
         mine = order[self.my_rank::self.ranks]
-        # Rows of a power of two >= 4 x the longest request (at most block_size): 4 requests or more fill a row to
-        # about 80% or more, and the rows stay short, as the dense masks of eager and sdpa cost rows x length^2
-        # (requests in block_size rows would pay for attention they never use). Batches of at most the training
-        # batch's tokens, all of one shape (one compile, the same at every evaluation), as even as can be: a
-        # padded last batch would cost a whole forward.
+        # Rows of a power of two >= 4 x the longest request and >= 128 (flex_attention's block), at most block_size:
+        # 4 requests or more fill a row to about 80% or more, and the rows stay short, as the dense masks of eager and
+        # sdpa cost rows x length^2 (requests in block_size rows would pay for attention they never use). Batches of
+        # at most the training batch's tokens, all of one shape (one compile, the same at every evaluation), as even
+        # as can be: a padded last batch would cost a whole forward.
         longest = max((len(seq) - 1 for seq, _ in sequences), default=1)
-        length = min(self.block_size, 1 << (4 * longest - 1).bit_length())
+        length = min(self.block_size, max(128, 1 << (4 * longest - 1).bit_length()))
         packed = self._pack(sequences, mine, length)
         n_rows = torch.tensor([len(packed)], device=self.device_name)
         if self.ranks > 1:  # every rank the same number of forwards: FSDP gathers weights in each
