@@ -154,6 +154,26 @@ def test_log_likelihoods_equal_lm_eval_hf_on_the_export(scored):
     assert record["eval_tasks_examples"] == 2 * 24 and record["eval_tasks_requests"] == 2 * compared - 6
 
 
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_every_attention_backend_scores_alike(scored):
+    """The packed rows' document masks under eager and flex_attention (the GPU default; on the CPU its forward
+    runs without grads) give sdpa's scores."""
+    import checkpoint
+    import harness
+    from tokenizer import load_tokenizer
+    os.environ.update({"HF_HOME": str(scored["tmp"] / "hf-home"), "HF_DATASETS_OFFLINE": "1"})
+    tasks = harness.load_tasks("smoltrain_tiny_mc,smoltrain_tiny_ppl", str(scored["tmp"] / "tasks"))
+    records = {}
+    for impl in ("sdpa", "eager", "flex_attention"):
+        model, _ = checkpoint.load_model(checkpoint.latest(scored["with"]), impl)
+        records[impl] = harness.score(harness.ModelLM(model, load_tokenizer(), 64, 2, "cpu", nullcontext()), tasks)
+    for impl in ("eager", "flex_attention"):
+        for key, value in records["sdpa"].items():
+            if key.startswith("task_") or key == "core":
+                assert records[impl][key] == pytest.approx(value, rel=1e-5), (impl, key)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_give_the_scores_of_one(scored, prepared_data, tmp_path, parallel):
     """From the 1-rank run's final weights, with every LR 0 so that the weights stay as they are: 2 gloo ranks, each
