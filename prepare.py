@@ -189,42 +189,45 @@ def open_remote(rel_path, revision):
 
 
 def first_docs_files(source, files, docs, revision):
-    """--docs: {subset: [(relative path, rows to read)]}, the fewest first files of each subset that hold `docs`
-    rows (null and empty texts count as rows, as a full prepare skips them too). Reads only footers."""
-    plan = {}
+    """--docs: ({subset: [(relative path, rows to read)]}, the fewest first files of each subset that hold `docs`
+    rows (null and empty texts count as rows, as a full prepare skips them too), and {relative path: its parquet
+    footer}, so that reading the file later does not fetch the footer again). Reads only footers."""
+    plan, footers = {}, {}
     for subset, paths in files.items():
         plan[subset], left = [], docs
         for rel in paths:
             with open_source(source, rel, revision) as pf:
+                footers[rel] = pf.metadata
                 rows = pf.metadata.num_rows
             plan[subset].append((rel, min(rows, left)))
             left -= min(rows, left)
             if not left:
                 break
-    return plan
+    return plan, footers
 
 
 @contextmanager
-def open_source(source, rel, revision, download_dir=None):
+def open_source(source, rel, revision, download_dir=None, footer=None):
     """The ParquetFile of one source file: local, downloaded whole into download_dir, or (download_dir None, hub)
-    read by ranges."""
+    read by ranges, with its footer (pyarrow FileMetaData) as already read, if given."""
     if source != "hf":
-        pf = open_parquet(Path(source) / rel)
+        pf = open_parquet(Path(source) / rel, footer=footer)
         yield pf
     elif download_dir is None:
         with open_remote(rel, revision) as f:
-            yield open_parquet(f, name=f"{REPO_ID}/{rel}")
+            yield open_parquet(f, name=f"{REPO_ID}/{rel}", footer=footer)
     else:
         yield open_parquet(fetch(source, rel, download_dir, revision))
 
 
 # ----------------------------------------------------------------------------- writing shards
 
-def open_parquet(path, name=None):
-    """The parquet file at path (or in a file object), checked to be readable and to have a `text` column."""
+def open_parquet(path, name=None, footer=None):
+    """The parquet file at path (or in a file object), checked to be readable and to have a `text` column; with
+    `footer` (its FileMetaData, read before) pyarrow does not read the footer again."""
     name = name or path
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, metadata=footer)
     except Exception as e:
         raise PrepareError(f"{name}: not a readable parquet file ({e}); delete it and rerun") from None
     if "text" not in pf.schema_arrow.names:
@@ -402,8 +405,9 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
     out = Path(out)
     files = list_source_files(source, subsets, revision, subsets_required)
     subsets = [s for s in subsets if s in files]
+    footers = {}  # --docs: the footers the plan has read
     if docs:  # {subset: [(path, rows)]}: rows of a file's start; None: the whole file
-        plan = first_docs_files(source, files, docs, revision)
+        plan, footers = first_docs_files(source, files, docs, revision)
     else:
         plan = {s: [(p, None) for p in paths[:math.ceil(fraction * len(paths))]] for s, paths in files.items()}
     files = {s: [p for p, _ in entries] for s, entries in plan.items()}
@@ -421,7 +425,7 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
         for subset, i, rel, rows in todo:
             (out / subset).mkdir(exist_ok=True)
             download_dir = out / "download" if rows is None else None  # --docs reads ranges, downloads nothing
-            with open_source(source, rel, revision, download_dir) as pf:
+            with open_source(source, rel, revision, download_dir, footers.get(rel)) as pf:
                 read = f"has {pf.metadata.num_rows} rows" if rows is None else f"gives --docs {rows} rows"
                 rows = pf.metadata.num_rows if rows is None else rows
                 progress.start_file(rows)
