@@ -204,7 +204,9 @@ def _own_rows(whole, p, local_shard):
     chunks = whole.chunk(p.device_mesh.size(), dim=0)
     rank = p.device_mesh.get_local_rank()
     rows = chunks[rank] if rank < len(chunks) else whole[:0]
-    assert rows.shape == local_shard.shape, (rows.shape, local_shard.shape)
+    if rows.shape != local_shard.shape:  # FSDP sharded otherwise than torch.chunk: the update would go astray
+        raise RuntimeError(f"Muon: this rank's rows of a {tuple(whole.shape)} matrix are {tuple(rows.shape)} by "
+                           f"torch.chunk, but its FSDP shard is {tuple(local_shard.shape)}")
     return rows
 
 
