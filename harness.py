@@ -28,7 +28,9 @@ reports it (length-normalized, as SmolLM's tables), else acc. 0 = chance, 1 = ev
 """
 import dataclasses
 import difflib
+import json
 import math
+import os
 import time
 
 import torch
@@ -209,21 +211,16 @@ class ModelLM(TemplateLM):
             if self.sharded:
                 model.reshard()
             model.train(was_training)
-        local = torch.stack([sums, misses], 1)
+        parts = [torch.stack([sums, misses], 1)]  # this rank's, in the order of `mine`
         if self.ranks > 1:
-            width = -(-len(sequences) // self.ranks)
-            padded = torch.zeros(width, 2, dtype=torch.float64, device=self.device_name)
-            padded[:len(mine)] = local
+            padded = torch.zeros(-(-len(sequences) // self.ranks), 2, dtype=torch.float64, device=self.device_name)
+            padded[:len(mine)] = parts[0]
             parts = [torch.empty_like(padded) for _ in range(self.ranks)]
             dist.all_gather(parts, padded)
-            results = [None] * len(sequences)
-            for r, part in enumerate(parts):
-                for i, (logprob, miss) in zip(order[r::self.ranks], part.tolist()):
-                    results[i] = (logprob, miss == 0)
-            return results
         results = [None] * len(sequences)
-        for i, (logprob, miss) in zip(mine, local.tolist()):
-            results[i] = (logprob, miss == 0)
+        for r, part in enumerate(parts):  # rank r scored order[r::ranks]; zip drops the padding rows
+            for i, (logprob, miss) in zip(order[r::self.ranks], part.tolist()):
+                results[i] = (logprob, miss == 0)
         return results
 
     @staticmethod
@@ -304,6 +301,24 @@ def score(lm, tasks, limit=0):
     record["eval_tasks_requests"], record["eval_tasks_tokens"] = lm.requests_scored, lm.tokens_scored
     record["eval_tasks_s"] = time.time() - start
     return record
+
+
+def write_task(folder, name, data_file, output_type, text, target, choice=None, split="validation",
+               metrics=("acc", "acc_norm"), tag=None):
+    """Write folder/<name>.yaml, a local lm-eval task over a JSON-lines file of documents (text, target and choice
+    are lm-eval's jinja templates over a document's fields), and return its path; --eval_tasks_path=folder finds it.
+    For bench.py's measurement and the tests: a task that needs no hub."""
+    lines = [f"task: {name}", *([f"tag: [{tag}]"] if tag else []), "dataset_path: json", "dataset_kwargs:",
+             "  data_files:", f"    {split}: {data_file}", f"{split}_split: {split}", f"output_type: {output_type}",
+             f"doc_to_text: {json.dumps(text)}", f"doc_to_target: {json.dumps(target)}",
+             *([f"doc_to_choice: {json.dumps(choice)}"] if choice else []), "metric_list:"]
+    for metric in metrics:  # accuracies: the mean, higher is better (lm-eval's defaults for them, written out)
+        lines += [f"  - metric: {metric}"] + (["    aggregation: mean", "    higher_is_better: true"]
+                                              if metric in ("acc", "acc_norm") else [])
+    path = os.path.join(folder, f"{name}.yaml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def summary(record, tasks):
