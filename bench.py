@@ -308,16 +308,15 @@ TASK_WORDS = ("the water light plant energy cell student history city river ston
 
 def write_shaped_task(folder, n_examples):
     import random
+
+    import harness
     rng = random.Random(0)
     words = lambda n: " ".join(rng.choice(TASK_WORDS) for _ in range(n))  # noqa: E731
-    with open(os.path.join(folder, "docs.jsonl"), "w") as f:
+    docs = os.path.join(folder, "docs.jsonl")
+    with open(docs, "w") as f:
         for _ in range(n_examples):
             f.write(json.dumps({"ctx": words(60), "endings": [words(20) for _ in range(4)], "label": 0}) + "\n")
-    with open(os.path.join(folder, "shaped.yaml"), "w") as f:
-        f.write(f"task: hellaswag_shaped\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: "
-                f"{os.path.join(folder, 'docs.jsonl')}\nvalidation_split: validation\noutput_type: multiple_choice\n"
-                'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{endings}}"\ndoc_to_target: "{{label}}"\n'
-                "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    harness.write_task(folder, "hellaswag_shaped", docs, "multiple_choice", "{{ctx}}", "{{label}}", "{{endings}}")
 
 
 def bench_tasks(cfg):

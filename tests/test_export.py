@@ -196,11 +196,9 @@ def test_lm_eval_harness_scores_every_document(runs, exported, tmp_path):
             {"question": "Water flows down the", "choices": ["mountain", "book", "number"], "answer": 0},
             {"question": "A student reads a", "choices": ["book", "carbon"], "answer": 0}]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tmp_path / "tiny_mc.yaml").write_text(
-        "task: smoltrain_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    validation: {tmp_path / 'docs.jsonl'}\nvalidation_split: validation\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    import harness
+    harness.write_task(tmp_path, "smoltrain_tiny_mc", tmp_path / "docs.jsonl", "multiple_choice", "{{question}}",
+                       "{{answer}}", "{{choices}}", metrics=("acc",))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     proc = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",

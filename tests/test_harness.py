@@ -33,25 +33,16 @@ def write_tasks(folder):
              "choices": [WORDS[(i + k) % 10] + (" again" if k == 1 else "") for k in range(2 + i % 3)]}
             for i in range(24)]
     (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    import harness
     for name, prompt in (("smoltrain_tiny_mc", "{{question}}"), ("smoltrain_tiny_mc2", "Answer: {{question}}")):
-        (folder / f"{name}.yaml").write_text(  # both tagged smoltrain_tiny_tag
-            f"task: {name}\ntag: [smoltrain_tiny_tag]\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-            f"    validation: {folder / 'mc.jsonl'}\nvalidation_split: validation\noutput_type: multiple_choice\n"
-            f'doc_to_text: "{prompt}"\ndoc_to_choice: "{{{{choices}}}}"\ndoc_to_target: "{{{{answer}}}}"\n'
-            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+        harness.write_task(folder, name, folder / "mc.jsonl", "multiple_choice", prompt, "{{answer}}", "{{choices}}",
+                           tag="smoltrain_tiny_tag")  # both tagged smoltrain_tiny_tag
     texts = [{"text": " ".join(WORDS[(i * 7 + j) % 10] for j in range(40 + 30 * i)) + "."} for i in range(3)]
     (folder / "ppl.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
-    (folder / "tiny_ppl.yaml").write_text(
-        "task: smoltrain_tiny_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {folder / 'ppl.jsonl'}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
-        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
-    (folder / "tiny_gen.yaml").write_text(
-        "task: smoltrain_tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    validation: {folder / 'mc.jsonl'}\nvalidation_split: validation\noutput_type: generate_until\n"
-        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: exact_match\n")
+    harness.write_task(folder, "smoltrain_tiny_ppl", folder / "ppl.jsonl", "loglikelihood_rolling", "", "{{text}}",
+                       split="test", metrics=("word_perplexity", "bits_per_byte"))
+    harness.write_task(folder, "smoltrain_tiny_gen", folder / "mc.jsonl", "generate_until", "{{question}}",
+                       "{{answer}}", metrics=("exact_match",))
     (folder / "tiny_hub.yaml").write_text(  # data on the hub, never cached here
         "task: smoltrain_tiny_hub\ndataset_path: smoltrain-tests/not-cached\noutput_type: multiple_choice\n"
         "validation_split: validation\n"
