@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import local as _local  # a DTensor's local shard, a view: in-place ops on it change the DTensor
+from runtime import default_dtype
 
 CHUNK = 1 << 24  # elements per slice of AdamW's fp32 working copies: 5 x 64 MB at most
 
@@ -127,12 +128,14 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 
 
-def orthogonalize(g, steps=NS_STEPS, eps=1e-7):
-    """A matrix close to U V^T, where g = U S V^T: the quintic Newton-Schulz iteration in bf16, as torch.optim.Muon
-    computes it. It does not converge to 1: the singular values land in about [0.7, 1.2] (Jordan: "S' ~ Uniform(0.5,
-    1.5)"), which trains as well as the exact U V^T. Returns bf16."""
+def orthogonalize(g, steps=NS_STEPS, eps=1e-7, dtype=None):
+    """A matrix close to U V^T, where g = U S V^T: the quintic Newton-Schulz iteration, in `dtype` (default: bf16
+    where its matmuls are native, as torch.optim.Muon always computes it; fp32 on a CPU without AVX512-BF16 or AMX,
+    where emulated bf16 makes the iteration some 40 x slower than fp32). It does not converge to 1: the singular
+    values land in about [0.7, 1.2] (Jordan: "S' ~ Uniform(0.5, 1.5)"), which trains as well as the exact U V^T.
+    Returns a matrix of that dtype."""
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16()
+    x = g.to(dtype or getattr(torch, default_dtype(g.device.type)))
     tall = g.size(0) > g.size(1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.T
@@ -150,11 +153,13 @@ class Muon(AdamW):
     w <- w (1 - lr wd) - lr sqrt(max(1, rows / cols)) O (the shape factor of Jordan's Muon, torch's 'original').
     mu warms up linearly from momentum_start to momentum over momentum_warmup_steps (nanochat: 0.85 -> 0.95 over 300
     steps), since early gradients change fast. With momentum_warmup_steps=0 and fp32 weights a step is
-    torch.optim.Muon's. The momentum buffer lives in the parameter's dtype (4 bytes a parameter, or 2 with bf16
-    weights: half of AdamW's state)."""
+    torch.optim.Muon's (where the orthogonalization runs in bf16: ns_dtype, None for orthogonalize's choice by
+    device). The momentum buffer lives in the parameter's dtype (4 bytes a parameter, or 2 with bf16 weights: half of
+    AdamW's state)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95,
-                 momentum_start=0.85, momentum_warmup_steps=300, nesterov=True, seed=0):
+                 momentum_start=0.85, momentum_warmup_steps=300, nesterov=True, seed=0, ns_dtype=None):
+        self.ns_dtype = ns_dtype
         _SyncFreeOptimizer.__init__(self, params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, muon=False, momentum=momentum,
             momentum_start=momentum_start, momentum_warmup_steps=momentum_warmup_steps, nesterov=nesterov), seed)
@@ -185,9 +190,9 @@ class Muon(AdamW):
             from torch.distributed.tensor import DTensor
             whole = DTensor.from_local(update, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                        stride=p.stride()).full_tensor()
-            ortho = _own_rows(orthogonalize(whole), p, w)
+            ortho = _own_rows(orthogonalize(whole, dtype=self.ns_dtype), p, w)
         else:
-            ortho = orthogonalize(update)
+            ortho = orthogonalize(update, dtype=self.ns_dtype)
         rows, cols = p.shape
         w32 = w.float()
         w32.mul_(1 - group["lr"] * group["weight_decay"])

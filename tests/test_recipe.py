@@ -16,32 +16,34 @@ from test_train import TINY, records, train
 SMALL = dict(vocab_size=256, block_size=32, n_layer=2, n_head=2, d_model=32, d_ff=64)
 
 
-def test_orthogonalize_maps_matrices_to_singular_values_near_one():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_orthogonalize_maps_matrices_to_singular_values_near_one(dtype):
     """Jordan's quintic Newton-Schulz, 5 steps: every singular value that is not tiny next to the matrix's Frobenius
     norm (from 2e-3 of it; the iteration's slope at 0 is 3.4445, so 5 steps raise small values ~485-fold) lands in
-    the method's stated band (0.5, 1.5), whatever the scale and shape; the singular vectors are kept."""
+    the method's stated band (0.5, 1.5), whatever the scale and shape; the singular vectors are kept. In bf16 (the
+    references', where it is native) and in fp32 (CPUs that emulate bf16)."""
     g = torch.Generator().manual_seed(0)
     u, _, v = torch.linalg.svd(torch.randn(48, 48, generator=g))
     cases = [torch.randn(*shape, generator=g) * scale for shape, scale in
              (((64, 64), 1.0), ((128, 32), 1e-3), ((32, 96), 50.0))]
     cases.append(u @ torch.diag(torch.logspace(-4, 0, 48)) @ v)  # singular values over 4 orders of magnitude
     for m in cases:
-        out = optim.orthogonalize(m)
-        assert out.shape == m.shape and out.dtype == torch.bfloat16
+        out = optim.orthogonalize(m, dtype=dtype)
+        assert out.shape == m.shape and out.dtype == dtype
         s_in, s_out = torch.linalg.svdvals(m), torch.linalg.svdvals(out.float())
         big = s_in / m.norm() >= 2e-3
         assert big.sum() >= len(s_in) // 2, "the case must exercise the band"
         assert s_out[big].min() > 0.5 and s_out.max() < 1.5, (m.shape, s_out[big].min(), s_out.max())
     # the vectors are m's: out ~ U S' V^T, so out^T m is symmetric positive semi-definite on m's row space
     m = cases[1]
-    prod = optim.orthogonalize(m).float().T @ m
+    prod = optim.orthogonalize(m, dtype=dtype).float().T @ m
     assert torch.allclose(prod, prod.T, atol=2e-2 * prod.abs().max()) and torch.linalg.eigvalsh(prod).min() > -1e-3
 
 
-def reference_muon_step(w, g, buf, lr, mu):
-    """The step written out: EMA momentum, Nesterov, Newton-Schulz in bf16, shape factor sqrt(max(1, rows/cols))."""
+def reference_muon_step(w, g, buf, lr, mu, dtype=torch.bfloat16):
+    """The step written out: EMA momentum, Nesterov, Newton-Schulz in dtype, shape factor sqrt(max(1, rows/cols))."""
     buf = buf.lerp(g, 1 - mu)
-    x = g.lerp(buf, mu).bfloat16()
+    x = g.lerp(buf, mu).to(dtype)
     tall = x.size(0) > x.size(1)
     x = x.T if tall else x
     x = x / x.norm().clamp(min=1e-7)
@@ -56,7 +58,7 @@ def test_one_muon_step_equals_the_reference_and_torch_muon():
     torch.manual_seed(0)
     w0, grads = torch.randn(96, 32), [torch.randn(96, 32) for _ in range(3)]
     ours_w = w0.clone().requires_grad_()
-    ours = optim.Muon([{"params": [ours_w], "muon": True}], lr=0.02, momentum_warmup_steps=0)
+    ours = optim.Muon([{"params": [ours_w], "muon": True}], lr=0.02, momentum_warmup_steps=0, ns_dtype=torch.bfloat16)
     theirs_w = w0.clone().requires_grad_()
     theirs = torch.optim.Muon([theirs_w], lr=0.02, momentum=0.95, weight_decay=0.0)
     ref_w, ref_buf = w0.clone(), torch.zeros_like(w0)
@@ -73,8 +75,10 @@ def test_one_muon_step_equals_the_reference_and_torch_muon():
     warm = optim.Muon([{"params": [w], "muon": True}], lr=0.02, momentum_warmup_steps=300)
     w.grad = grads[0].clone()
     warm.step()
-    want, _ = reference_muon_step(w0, grads[0], torch.zeros_like(w0), 0.02, 0.85 + 0.1 / 300)
-    torch.testing.assert_close(w.detach(), want, rtol=0, atol=2e-3)
+    # by default in the dtype whose matmuls this machine runs natively: bf16 with AMX or AVX512-BF16, else fp32
+    native = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    want, _ = reference_muon_step(w0, grads[0], torch.zeros_like(w0), 0.02, 0.85 + 0.1 / 300, native)
+    torch.testing.assert_close(w.detach(), want, rtol=0, atol=2e-3 if native == torch.bfloat16 else 1e-5)
     with pytest.raises(ValueError, match="2-D matrices"):
         optim.Muon([{"params": [torch.zeros(3, requires_grad=True)], "muon": True}])
 
