@@ -153,9 +153,9 @@ class Muon(AdamW):
     w <- w (1 - lr wd) - lr sqrt(max(1, rows / cols)) O (the shape factor of Jordan's Muon, torch's 'original').
     mu warms up linearly from momentum_start to momentum over momentum_warmup_steps (nanochat: 0.85 -> 0.95 over 300
     steps), since early gradients change fast. With momentum_warmup_steps=0 and fp32 weights a step is
-    torch.optim.Muon's (where the orthogonalization runs in bf16: ns_dtype, None for orthogonalize's choice by
-    device). The momentum buffer lives in the parameter's dtype (4 bytes a parameter, or 2 with bf16 weights: half of
-    AdamW's state)."""
+    torch.optim.Muon's when the orthogonalization runs in bf16, as torch's always does (ns_dtype=torch.bfloat16;
+    the default None lets orthogonalize choose by device). The momentum buffer lives in the parameter's dtype (4
+    bytes a parameter, or 2 with bf16 weights: half of AdamW's state)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95,
                  momentum_start=0.85, momentum_warmup_steps=300, nesterov=True, seed=0, ns_dtype=None):
