@@ -110,13 +110,17 @@ optimizer = "muon"  # 'muon' (optim.Muon on the Blocks' weight matrices, AdamW w
 lr = 1e-4  # peak LR for a global batch of ONE sequence; scaled by sqrt(batch_size * grad_accum * world_size)
 muon_lr = 7e-3  # optimizer='muon': peak LR of the Blocks' matrices, same units and scaling as lr
 min_lr = 5e-6  # LR at the end of the schedule, same units as lr; every group ends at its peak x min_lr / lr
-weight_decay = 0.1
-beta1 = 0.9
+# AdamW's betas and decoupled weight decay (decay on >= 2-D weights only). The defaults are those of the Muon recipe,
+# where AdamW trains the embedding, head and gains: nanochat's beta1 0.8 and no decay, measured best (README "Recipe").
+# optimizer='adamw' was measured with beta1 0.9 and weight_decay 0.1.
+weight_decay = 0.0
+beta1 = 0.8
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
 # LR schedule (in tokens, so that it survives a change of batch size or world size on resume)
 lr_schedule = "wsd"  # 'wsd' (warmup-stable-decay: constant, then a linear decay to min_lr over the last decay_frac
-#                     of train_tokens; the measured best) | 'cosine' (down to min_lr at train_tokens)
+#                     of train_tokens; ends level with cosine under Muon, README "Recipe", and a stable-phase
+#                     checkpoint can be continued) | 'cosine' (down to min_lr at train_tokens)
 decay_frac = 0.5  # lr_schedule='wsd': the share of train_tokens that the final linear decay spans
 warmup_tokens = 100_000_000  # linear warmup from 0 to the peak LR
 train_tokens = 0  # tokens the schedule spans (it ends here); 0 = one epoch of the prepared train data

@@ -169,11 +169,13 @@ def test_exact_resume_with_one_rank(prepared_data, tmp_path):
     for name in os.listdir(tmp_path / "c"):
         if name.startswith("ckpt-") and name != "ckpt-00000002.pt":
             os.remove(tmp_path / "c" / name)
-    proc = train(tmp_path / "c", prepared_data, *args, "--weight_decay=0.0", "--beta2=0.99")
-    assert "resume: optimizer weight_decay: checkpoint 0.1, this run 0.0 (this run's value applies)" in proc.stdout
-    assert "resume: optimizer betas: checkpoint (0.9, 0.95), this run (0.9, 0.99)" in proc.stdout
+    proc = train(tmp_path / "c", prepared_data, *args, "--weight_decay=0.05", "--beta2=0.99")
+    assert "resume: optimizer weight_decay: checkpoint 0.0, this run 0.05 (this run's value applies)" in proc.stdout
+    assert "resume: optimizer betas: checkpoint (0.8, 0.95), this run (0.8, 0.99)" in proc.stdout
     groups = checkpoint.load(checkpoint.latest(str(tmp_path / "c")))["optimizer"]["param_groups"]
-    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.0, (0.9, 0.99))] * 3  # Muon's 3 groups
+    # Muon's 3 groups: the Blocks' matrices and the gains are never decayed, the embedding and head are
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.0, (0.8, 0.99)), (0.05, (0.8, 0.99)),
+                                                                        (0.0, (0.8, 0.99))]
     c = records(tmp_path / "c")
     assert c[2]["loss"] == a[2]["loss"] and c[6]["loss"] != a[6]["loss"]
 
