@@ -14,9 +14,10 @@ first, as train.py compiles it, and its bytes are those the compiled graph saves
 measurements with compile the predicted peaks were 1-11% above the measured ones; eager layers'
 (--compile=False) were 35-66% above. Attention is measured with sdpa's causal kernel, which saves
 what flex_attention and flash attention save (q, k, v, output, log-sum-exp). Added on top: the fp32 working copies
-of the largest parameter slice in the optimizer step, the head's fp32 logits chunk, and under FSDP two gathered
-Blocks plus the root's gathered embedding and head. The prediction is of torch.cuda.max_memory_allocated; leave
-`reserve_gb` for the CUDA context and allocator fragmentation. GB here = 2^30 bytes.
+of the optimizer step's largest stack of parameters (optim.step_bytes), the head's fp32 logits chunk, and under FSDP
+two gathered Blocks plus the root's gathered embedding and head. The prediction is of
+torch.cuda.max_memory_allocated; leave `reserve_gb` for the CUDA context and allocator fragmentation. GB here =
+2^30 bytes.
 """
 import dataclasses
 import sys
@@ -135,7 +136,6 @@ def predict(cfg, ranks):
     with torch.device("meta"):
         big = Transformer(ModelConfig.from_dict(cfg, attn_impl="sdpa"))
     n_params = big.num_params()
-    largest = max(p.numel() for p in big.parameters())
     block_params = sum(p.numel() for p in big.layers[0].parameters())
     root_params = n_params - block_params * cfg["n_layer"]
     fsdp = cfg["parallel"] == "fsdp" and ranks > 1
@@ -158,8 +158,7 @@ def predict(cfg, ranks):
     stored_bytes = 4 if cfg["param_dtype"] == "float32" else 2
     # weights + fp32 grads: the Blocks gathered in the compute dtype, the root (embedding, head) in its stored dtype
     gathered = (2 * block_params * (compute_bytes + 4) + root_params * (stored_bytes + 4)) if fsdp else 0
-    step_temp = 5 * 4 * min(largest / shards, optim.CHUNK) if (cfg["param_dtype"] == "bfloat16"
-                                                              or cfg["optimizer"] == "adafactor") else 0
+    step_temp = optim.step_bytes(big, cfg["optimizer"], cfg["param_dtype"]) / shards
     persistent = sum(state.values())
     peak = persistent + max(activations + gathered, step_temp)
     gb = lambda b: round(b / GiB, 2)  # noqa: E731

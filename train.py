@@ -133,7 +133,7 @@ parallel = "ddp"  # under torchrun: 'ddp' (replicated) | 'fsdp' (FSDP2: weights,
 # system
 device = "auto"  # 'auto' (cuda if available) | 'cuda' | 'cpu' (cpu = no accelerator)
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA and on CPUs with native bf16, else float32) | 'bfloat16' | 'float32'
-compile = True  # torch.compile the model's layers (model.compile_layers), before the DDP wrap
+compile = True  # torch.compile the model's layers (model.compile_layers, before the DDP wrap) and optimizer kernels
 compile_mode = "default"  # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
 #                           | 'max-autotune-no-cudagraphs'; 'default' until another one is measured faster
 param_dtype = "float32"  # weights, grads, optimizer state: 'float32' (16 B/param) | 'bfloat16' (8 B/param, optim.py)
@@ -452,7 +452,7 @@ if compile:
 model.set_activation_checkpointing(activation_checkpointing)
 ddp_model = parallel_wrap(model, parallel, device_type, local_rank, world_size, grad_accum, dtype) if ddp else model
 opt = optim.make_optimizer(model, optimizer, param_dtype, peak_lr, (beta1, beta2), weight_decay, seed, device_type,
-                           muon_lr=peak_muon_lr)  # after FSDP's sharding: it steps the shards
+                           muon_lr=peak_muon_lr, compile=compile)  # after FSDP's sharding: it steps the shards
 task_model = harness.ModelLM(model, text_tokenizer, block_size, batch_size, device, autocast,
                              sharded=ddp and parallel == "fsdp", log=print0) if task_suite else None
 if ckpt:

@@ -125,18 +125,25 @@ def test_stochastic_rounding_is_unbiased():
     below = torch.tensor([1.0, -3.0, 2.0**-70, 255.0])  # bf16 values; add a fraction of their spacing (ulp)
     ulp = torch.tensor([2**-7, 2**-6, 2.0**-77, 1.0])  # bf16 has 8 significant bits
     x = below + ulp * torch.tensor([0.3, 0.9, 0.5, 0.01]) * below.sign()
-    gen = torch.Generator().manual_seed(0)
-    rounded = torch.stack([optim.stochastic_round_to_bf16(x.expand(4096, 4).contiguous(), gen) for _ in range(8)])
-    rounded = rounded.float().flatten(0, 1)
+    # a stack of 32768 copies of x, each with its own random stream (hashed ids, as the optimizers give them)
+    rounded = optim.stochastic_round_to_bf16(x.expand(32768, 4).contiguous(), optim.mix32(torch.arange(32768)))
+    rounded = rounded.float()
     assert ((rounded == below) | (rounded == below + ulp * below.sign())).all()  # only the two neighbours
     # mean of 32768 roundings: within 5 standard errors of x; round-to-nearest is off by 0.01 ulp or more on each
     p = ((x - below) / (ulp * below.sign())).double()
     tolerance = 5 * (p * (1 - p) / rounded.size(0)).sqrt() * ulp
     assert ((rounded.double().mean(0) - x.double()).abs() <= tolerance).all(), (rounded.double().mean(0), x)
     assert ((x.to(torch.bfloat16).float() - x).abs() > 0.009 * ulp).all()
-    # special values pass through
-    special = torch.tensor([0.0, float("inf"), -float("inf")])
-    assert torch.equal(optim.stochastic_round_to_bf16(special, gen).float(), special)
+    # the bits are a function of (stream, element): the same again, other ones for another stream or first element
+    again = optim.stochastic_round_to_bf16(x.expand(32768, 4).contiguous(), optim.mix32(torch.arange(32768)))
+    assert torch.equal(again.float(), rounded)
+    other = optim.stochastic_round_to_bf16(x.expand(32768, 4).contiguous(), optim.mix32(torch.arange(32768)), 4)
+    assert not torch.equal(other.float(), rounded)
+    # special values pass through, the largest finite ones included; NaN's bit patterns never carry into others
+    special = torch.tensor([[0.0, float("inf"), -float("inf"), 3.3895313892515355e38, -3.3895313892515355e38]])
+    assert torch.equal(optim.stochastic_round_to_bf16(special, 7).float(), special)
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)  # CUDA's, -NaN, canonical
+    assert optim.stochastic_round_to_bf16(nans.expand(64, 3).contiguous(), optim.mix32(torch.arange(64))).isnan().all()
 
 
 def test_bf16_adamw_moves_weights_by_updates_below_bf16_resolution():
