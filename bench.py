@@ -5,6 +5,7 @@
     python bench.py config/deepone.py --lean_loss=all          # chunked head+loss vs plain full-logits loss
     python bench.py config/deepone.py --what=loader            # PackedLoader tokens/s and its share of a step
     python bench.py config/deepone.py --what=profile           # where a step's time goes: top kernels, shares
+    python bench.py config/deepone.py --grad_accum=8           # a step of 8 micro-steps and one optimizer step
     python bench.py config/smoke.py --batch=data               # train.py's first real batch, not a synthetic one
     python bench.py --what=prepare --source=DIR                # prepare.py tokens/s vs the tokenizer's own rate
     python bench.py config/deepone.py --what=tasks             # eval_tasks' cost per example (HellaSwag-shaped)
@@ -102,6 +103,12 @@ def attended_fraction(cu_seqlens, B, T):
     return attended_pairs(cu_seqlens).item() / (B * T * T)
 
 
+def batch_text(cfg):
+    """The tokens of one timed step: sequences x tokens, x micro-steps when grad_accum > 1."""
+    accum = f" x {cfg['grad_accum']} micro-steps" if cfg["grad_accum"] > 1 else ""
+    return f"{cfg['batch_size']}x{cfg['block_size']}{accum}"
+
+
 def model_config(cfg, device):
     """The ModelConfig of cfg's model keys (a ValueError naming a bad size or combination), attn_impl 'auto' resolved
     for the device."""
@@ -110,28 +117,30 @@ def model_config(cfg, device):
 
 
 def make_step(cfg):
-    """The model, optimizer and batch of one train step as train.py builds them; returns (model, step, sync, batch)."""
+    """The model, optimizer and batch of one train step as train.py builds them, the step being grad_accum
+    micro-steps on the batch and one optimizer step; returns (model, step, sync, batch)."""
     device, dtype = resolve_device_dtype(cfg)
     model = Transformer(model_config(cfg, device)).to(device, dtype=getattr(torch, cfg["param_dtype"]))
     if cfg["compile"]:
         model.compile_layers(mode=cfg["compile_mode"])
     model.set_activation_checkpointing(cfg["activation_checkpointing"])
     optimizer = optim.make_optimizer(model, cfg["optimizer"], cfg["param_dtype"], 1e-4, (0.9, 0.95), 0.1, 0, device,
-                                        muon_lr=1e-3)
+                                     muon_lr=1e-3, compile=cfg["compile"])
     batch = synthetic_batch(cfg, device) if cfg["batch"] == "synthetic" else data_batch(cfg, device)
     x, y, doc_ids, cu_seqlens = batch
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
-        with autocast:
-            if cfg["lean_loss"] == "on":
-                _, loss = model(x, y, doc_ids, cu_seqlens)
-            else:
-                logits, _ = model(x, doc_ids=doc_ids, cu_seqlens=cu_seqlens)
-                with torch.profiler.record_function("head+loss"):
-                    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss.backward()
+        for _ in range(cfg["grad_accum"]):
+            with autocast:
+                if cfg["lean_loss"] == "on":
+                    _, loss = model(x, y, doc_ids, cu_seqlens)
+                else:
+                    logits, _ = model(x, doc_ids=doc_ids, cu_seqlens=cu_seqlens)
+                    with torch.profiler.record_function("head+loss"):
+                        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+            (loss / cfg["grad_accum"]).backward()
         with torch.profiler.record_function("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -157,14 +166,14 @@ def bench_train(cfg):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = time_steps(step, sync, cfg["steps"])
-    tokens = cfg["batch_size"] * cfg["block_size"]
+    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"]
     # MFU counts only the attended part of the scores: sparse kernels (flex, flash) skip the rest
     frac = attended_fraction(cu_seqlens, cfg["batch_size"], cfg["block_size"])
     flops_per_token = model.flops_per_token(cfg["block_size"], attn_fraction=frac)
     flops = flops_per_token * tokens
     peak = peak_tflops(cfg, device)
     return {"what": "train", "attn_impl": model.config.attn_impl, "lean_loss": cfg["lean_loss"],
-            "params_M": round(model.num_params() / 1e6, 2), "batch": f"{cfg['batch_size']}x{cfg['block_size']}",
+            "params_M": round(model.num_params() / 1e6, 2), "batch": batch_text(cfg),
             "step_ms": round(seconds * 1e3, 1), "tokens_per_s": round(tokens / seconds),
             "tflops": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
             "peak_mem_GB": round(memory.peak_memory_gib(device), 2), "attn_fraction": round(frac, 4),
@@ -198,28 +207,19 @@ def bench_profile(cfg):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         wall_us = time_steps(step, sync, cfg["steps"]) * cfg["steps"] * 1e6
-    times, by_name, spans, launches = {}, {}, [], 0
     events = prof.events()
-    # On CUDA the timed items are the kernels (and copies); each is linked to the CPU op that launched it
-    ops = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
-    timed = torch.autograd.DeviceType.CUDA if device == "cuda" else torch.autograd.DeviceType.CPU
-    for event in events:
-        if event.device_type != timed:
-            continue
-        launches += 1
-        if device == "cuda":
-            op, us = ops.get(event.linked_correlation_id), event.time_range.end - event.time_range.start
-            spans.append((event.time_range.start, event.time_range.end))
-        else:
-            op, us = event, event.self_cpu_time_total
+    times, by_name, items = {}, {}, timed_items(events, device)
+    for name, us, op in items:
         ranges = []
         while op is not None:  # the named ranges this ran under, innermost first
             if op.name in PROFILE_RANGES:
                 ranges.append(op.name)
             op = op.cpu_parent
-        category = profile_category(event.name, ranges)
+        category = profile_category(name, ranges)
         times[category] = times.get(category, 0.0) + us
-        by_name[(event.name, category)] = by_name.get((event.name, category), 0.0) + us
+        by_name[(name, category)] = by_name.get((name, category), 0.0) + us
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = len(spans) if device == "cuda" else len(items)
     total = sum(times.values()) or 1.0
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
     # Gaps: the share of the profiled time when nothing ran, i.e. the device waited for the host to launch (CUDA:
@@ -234,6 +234,21 @@ def bench_profile(cfg):
                           for c in ("matmul", "attention", "head+loss", "norms+elementwise", "optimizer")},
             "top": [{"name": name[:90], "category": cat, "ms_per_step": round(us / 1e3 / cfg["steps"], 3),
                      "pct": round(100 * us / total, 1)} for (name, cat), us in top]}
+
+
+def timed_items(events, device):
+    """(name, microseconds, the CPU op it ran under) of everything a profile timed. On CUDA: each kernel and copy,
+    as listed under the CPU op that launched it (FunctionEvent.kernels: torch 2.11's kernel events carry no link
+    back to their op), and the device time that no op launched (NCCL's kernels, say) as one more item. On a CPU:
+    each op's self time."""
+    cpu = torch.autograd.DeviceType.CPU
+    if device != "cuda":
+        return [(e.name, e.self_cpu_time_total, e) for e in events if e.device_type == cpu]
+    items = [(k.name, k.duration, e) for e in events if e.device_type == cpu for k in e.kernels]
+    device_us = sum(e.time_range.end - e.time_range.start for e in events
+                    if e.device_type == torch.autograd.DeviceType.CUDA)
+    unclaimed = device_us - sum(us for _, us, _ in items)
+    return items + ([("(device time launched by no profiled op)", unclaimed, None)] if unclaimed > 0 else [])
 
 
 def busy_and_span(intervals):
@@ -412,6 +427,8 @@ def main():
         model_config(cfg, resolve_device_dtype(cfg)[0])
     except ValueError as e:
         raise SystemExit(f"bench.py: bad model config: {e}") from None
+    if cfg["grad_accum"] < 1:
+        raise SystemExit(f"bench.py: grad_accum={cfg['grad_accum']} must be >= 1 (micro-steps per optimizer step)")
     if cfg["doc_len"] < 0:
         raise SystemExit(f"bench.py: doc_len={cfg['doc_len']} must be >= 0 (0: one causal sequence per row)")
     if cfg["memory_limit_gb"] < 0:
@@ -422,7 +439,7 @@ def main():
         device, dtype = resolve_device_dtype(cfg)
         print(json.dumps({"what": cfg["what"], "dry_run": True, "device": device, "dtype": dtype,
                           "config": f"{cfg['family']} L{cfg['n_layer']} d{cfg['d_model']}",
-                          "batch": f"{cfg['batch_size']}x{cfg['block_size']}",
+                          "batch": batch_text(cfg),
                           "sweeps": {k: v for k, v in sweeps.items() if v}}))
         return
     limit_memory(cfg)

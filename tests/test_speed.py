@@ -121,8 +121,27 @@ def test_bench_profile_reports_where_the_step_goes():
     assert bench.busy_and_span([(10, 12), (11, 13), (15, 16), (12, 12.5)]) == (4, 6)
     assert bench.busy_and_span([]) == (0.0, 0.0)
     names = {row["name"]: row["category"] for row in record["top"]}
-    assert len(record["top"]) == 15 and names.get("aten::addcdiv_") == "optimizer"
+    assert len(record["top"]) == 15 and names.get("aten::_fused_adamw_") == "optimizer"  # AdamW beside Muon
     assert any(c == "attention" for n, c in names.items() if "scaled_dot_product" in n) or shares["attention"] > 0
+
+
+def test_profile_on_cuda_reads_each_kernel_from_the_op_that_launched_it():
+    """bench.py --what=profile on a GPU, with events shaped as torch 2.11's profiler makes them (a kernel's event has
+    no linked_correlation_id; its launching CPU op lists it in .kernels): each kernel lands in the named range of its
+    op, the device time no op launched is one item, and a kernel counts once however deep its op is nested."""
+    from types import SimpleNamespace as Event
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    kernel = lambda name, us: Event(name=name, duration=us)  # noqa: E731  # torch's Kernel(name, device, duration)
+    optimizer = Event(name="optimizer", device_type=cpu, kernels=[], cpu_parent=None)
+    bmm = Event(name="aten::bmm", device_type=cpu, kernels=[kernel("sm90_gemm", 30.0)], cpu_parent=optimizer)
+    mm = Event(name="aten::mm", device_type=cpu, kernels=[kernel("sm90_gemm", 50.0)], cpu_parent=None)
+    on_device = [Event(name=n, device_type=cuda, kernels=[], cpu_parent=None, time_range=Event(start=a, end=b))
+                 for n, a, b in (("sm90_gemm", 0, 30), ("sm90_gemm", 40, 90), ("ncclKernel_AllGather", 90, 110))]
+    items = bench.timed_items([optimizer, bmm, mm, *on_device], "cuda")
+    assert [(n, us, op.name if op else None) for n, us, op in items] == [
+        ("sm90_gemm", 30.0, "aten::bmm"), ("sm90_gemm", 50.0, "aten::mm"),
+        ("(device time launched by no profiled op)", 20, None)]
+    assert not hasattr(on_device[0], "linked_correlation_id")
 
 
 @pytest.mark.parametrize("args, fragments", [
