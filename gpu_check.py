@@ -40,13 +40,18 @@ def steps(data_dir, work):
     train = [PY, "train.py", "config/deepone.py", f"--data_dir={data_dir}", f"--out_dir={work}/train",
              "--train_tokens=10000000", "--save_interval=5", "--log_interval=1", "--eval_interval=0"]
     return [
+        # the optimizer's cost: the default (Muon) against torch's fused AdamW, then at nanoGPT's shape and its
+        # tokens per optimizer step (nanoGPT's own GPT-2 run steps every ~0.5M tokens: 8 x 16 x 1024 here is 131k)
+        ("optimizer muon", [*BENCH, "config/deepone.py"], 200, None),
+        ("optimizer adamw", [*BENCH, "config/deepone.py", "--optimizer=adamw"], 120, None),
+        ("gpt2-small accum 8", [*BENCH, *GPT2_SMALL, "--attn_impl=sdpa", "--grad_accum=8"], 150, None),
+        ("profile", [*BENCH, "config/deepone.py", "--what=profile"], 120, None),
         ("tests", [PY, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests"], 240, None),
         ("backends", [*BENCH, "config/deepone.py", "--attn_impl=all"], 150, None),
         ("gpt2-small sdpa", [*BENCH, *GPT2_SMALL, "--attn_impl=sdpa"], 90, None),
         ("gpt2-small flex", [*BENCH, *GPT2_SMALL, "--attn_impl=flex_attention"], 90, None),
         *[(f"834M compile {mode}", [*BENCH, *DEEPONE_834M, f"--compile_mode={mode}"], 240, None)
           for mode in COMPILE_MODES],
-        ("profile", [*BENCH, "config/deepone.py", "--what=profile"], 120, None),
         ("memory", [*BENCH, "config/deepone.py", "--what=memory"], 120, None),
         ("1.7B in 24 GiB", [*BENCH, "config/deepone_1b7.py", "--steps=10", "--warmup=1", "--memory_limit_gb=24"], 240,
          None),
