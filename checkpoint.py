@@ -1,12 +1,14 @@
 """
 Checkpoint files of a run: `out_dir/ckpt-NNNNNNNN.pt`, NNNNNNNN being the optimizer step. Used by train.py, sample.py
-and export.py.
+and the tools.
 
     save(obj, out_dir, step, keep_last, keep_step=None)  torch.save to ckpt-NNNNNNNN.pt.tmp, fsync, rename; then
                                          delete all but the newest keep_last, and the one of step keep_step (the best
                                          so far, with keep_best). A crash mid-save, even kill -9, leaves only a .tmp
                                          file, which nothing reads, and the previous checkpoints intact.
     latest(out_dir) -> path or None      the newest complete checkpoint
+    to_resume(out_dir, init_from)        the checkpoint a run continues, or None; check_resumable(ckpt, ...) refuses
+                                         one that this run's model, optimizer or ranks cannot continue
     load(path) -> dict                   verify the checksums, then torch.load(mmap=True, weights_only=True) on the
                                          CPU, or one clear error: the tensors stay in the file's page cache, so the
                                          ranks of a node share one copy instead of each reading the whole checkpoint
@@ -24,7 +26,9 @@ one CPU core, 0.2 s for 512 MB), so bytes changed on disk after the save are an 
 that turn into NaN a step later.
 """
 
+import dataclasses
 import glob
+import hashlib
 import os
 import random
 import re
@@ -33,10 +37,14 @@ import zipfile
 import numpy as np
 import torch
 
-import durable
+import atomic_write
 from model import ModelConfig, Transformer
 
 PATTERN = re.compile(r"ckpt-(\d{8})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that a run cannot continue from: the message says what differs and what to do."""
 
 
 def path_for(out_dir, step):
@@ -69,7 +77,7 @@ def save(obj, out_dir, step, keep_last, keep_step=None):
             os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
     finally:
         torch.serialization.set_crc32_options(compute_crc32)
-    durable.replace(tmp, path)  # readers see the old set of files or the new one, never half a file
+    atomic_write.replace(tmp, path)  # readers see the old set of files or the new one, never half a file
     kept = path_for(out_dir, keep_step) if keep_step is not None else None
     for old in all_checkpoints(out_dir)[:-keep_last]:
         if old != kept:
@@ -77,6 +85,48 @@ def save(obj, out_dir, step, keep_last, keep_step=None):
     for stale in glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt.tmp")):  # left by a crash mid-save
         os.remove(stale)
     return path
+
+
+def to_resume(out_dir, init_from):
+    """The checkpoint a run with init_from ('auto' | 'resume' | 'scratch') continues in out_dir, or None to start
+    afresh; a CheckpointError when init_from and out_dir disagree."""
+    path = latest(out_dir)
+    if init_from == "resume" and path is None:
+        raise CheckpointError(f"init_from='resume' but {out_dir} has no checkpoint (ckpt-*.pt); use "
+                              f"--init_from=scratch or auto")
+    if init_from == "scratch" and path:
+        raise CheckpointError(f"init_from='scratch' but {out_dir} already holds checkpoints (newest {path}): a new run "
+                              f"there would mix with them. Use another --out_dir, or delete them (or --init_from=auto "
+                              f"to continue that run)")
+    return path
+
+
+def check_resumable(ckpt, path, model_config, cfg, world_size, weights_only=False):
+    """Raise a CheckpointError when a run of model_config and settings cfg on world_size ranks cannot continue from
+    ckpt (read from path), or, with weights_only, cannot start from its weights."""
+    wanted = dataclasses.asdict(model_config)
+    # Runtime choices that leave the weights' shapes and meaning alone: the attention kernel, the head+loss chunking,
+    # and block_size (every family uses RoPE: no learned position table, positions are computed for any length).
+    differ = [f"{k}: checkpoint {v!r}, this run {wanted.get(k)!r}" for k, v in ckpt["model_config"].items()
+              if k not in ("attn_impl", "loss_chunk_size", "block_size") and wanted.get(k) != v]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} holds a different model:\n  " + "\n  ".join(differ) + "\n"
+            "Give the same model settings as the run that wrote it (e.g. the same config file), or train a new model "
+            "with --init_from=scratch and another --out_dir.")
+    if weights_only:
+        return
+    # parallel ('ddp' | 'fsdp') and param_dtype may change: checkpoints hold the full state, cast on load
+    theirs = ckpt["config"]["optimizer"]
+    if theirs != cfg["optimizer"]:
+        raise CheckpointError(f"checkpoint {path} holds {theirs} state and this run asks for "
+                              f"--optimizer={cfg['optimizer']}; keep --optimizer={theirs}, or start a new run from its "
+                              f"weights only: --init_weights={path} --out_dir=NEW_DIR.")
+    if cfg["restore_data_state"] and ckpt["world_size"] != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {ckpt['world_size']} ranks and this run has {world_size}: the data "
+            f"positions are per rank. Relaunch with {ckpt['world_size']} ranks, or pass --restore_data_state=False to "
+            f"keep the weights, optimizer and schedule but start the data streams afresh.")
 
 
 def verify(path):
@@ -132,6 +182,15 @@ def weights_mismatch(model, state):
                 if k in state and state[k].shape != v.shape]
     return "; ".join(f"{what} {some(names)}" for what, names in [("no weights for", missing),
                      ("weights this model has no place for:", unexpected), ("other shapes:", reshaped)] if names)
+
+
+def fingerprint(tensors):
+    """A short hash of the tensors' bytes: two runs (or a run and its resume) hold the same bits where it is equal
+    (train.py's log_checksums)."""
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def rng_state(cuda):

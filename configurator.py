@@ -1,11 +1,10 @@
 """
 Resolve a run's configuration from defaults, config files and command-line overrides.
 
-    from configurator import configure, script_keys
+    from configurator import configure
     cfg = configure(defaults, sys.argv[1:], choices={"device": ("auto", "cuda", "cpu")})
-    defaults, choices = script_keys("train.py")   # train.py's keys, read from its source (bench.py, tests)
 
-`defaults` is a dict of plain values (train.py passes its module-level defaults). The arguments are applied in
+`defaults` is a dict of plain values (train.py passes settings.DEFAULTS). The arguments are applied in
 order: `path/to/config.py` runs that file as plain Python and takes its top-level assignments; `--key=value` sets one
 key, the value parsed with `ast.literal_eval` and, when that fails, kept as a string (`--out_dir=out/x`).
 
@@ -93,23 +92,3 @@ def _check_type(key, value, default, source):
     raise ConfigError(
         f"{key} in {source} must be {want.__name__} like its default {default!r}, got {type(value).__name__} {value!r}"
     )
-
-
-def script_keys(path):
-    """(defaults, choices) of a script written as train.py is: its top-level literal assignments above its CHOICES
-    dict (the commented defaults block, the one source of its keys) and that dict, read from its source with ast, so
-    that bench.py and the tests know train.py's keys without running it."""
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    defaults, choices = {}, {}
-    for node in tree.body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            continue
-        if node.targets[0].id == "CHOICES":
-            choices = ast.literal_eval(node.value)
-            break
-        try:
-            defaults[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError:  # not a literal: not a key
-            pass
-    return defaults, choices

@@ -4,13 +4,19 @@
     loader = PackedLoader("data/smollm", split="train", block_size=4096, batch_size=8, rank=0, world_size=1)
     x, y, doc_ids, cu_seqlens = loader.next_batch()  # int64 [batch_size, block_size] x3; int32 [capacity + 1]
     state = loader.state_dict()                  # plain ints, lists and strings: goes into the checkpoint
-    loader.load_state_dict(state)                # resumes with exactly the batches an uninterrupted loader gives
+    notes = loader.load_state_dict(state)        # resumes with exactly the batches an uninterrupted loader gives
+    PackedLoader(..., mixture="cosmopedia-v2:0.7,fineweb-edu-dedup:0.3")  # train documents drawn by these weights
 
 Train documents: every subset's documents are visited in a seeded shuffled order (shard order shuffled, then
-documents within a shard), holding only one shard's permutation in memory. Before each document is drawn, the
-subset is picked at random with probability proportional to the documents it has left on this rank, so all
-subsets run out together. Rank r of w takes every w-th document of each shuffled shard: the ranks read disjoint
-documents with no communication and together cover every document once per epoch.
+documents within a shard), holding only one shard's permutation in memory. Rank r of w takes every w-th document
+of each shuffled shard: the ranks read disjoint documents with no communication and together cover every document
+once per epoch. Before each document is drawn, a subset is picked at random:
+- mixture '' (the default): with probability proportional to the documents it has left on this rank, so all
+  subsets run out together and an epoch reads every document once;
+- mixture 'name:weight,...': with probability weight / sum of weights (a subset not named is never drawn). A subset
+  that runs out starts an epoch of its own at once (a new shuffle), while the others go on; the loader's `epoch` is
+  then the number of passes that every weighted subset has completed.
+The draws are a hash of (seed, rank, draw number), so the checkpoint holds no RNG state.
 
 Packing: drawn documents form one stream, cut into rows of block_size + 1 tokens; x = row[:-1], y = row[1:].
 No padding, no truncation: a document that doesn't fit continues at the start of the next row. doc_ids[b, t]
@@ -50,12 +56,11 @@ def read_meta(data_dir):
     return meta
 
 
-def vocab_problem(data_dir, vocab_size):
-    """'' when a model of vocab_size tokens can read the prepared data in data_dir, else the message saying why not."""
+def check_vocab(data_dir, vocab_size):
+    """Raise a DataError when a model of vocab_size tokens cannot read the prepared data in data_dir."""
     data_vocab = read_meta(data_dir)["vocab_size"]
     if data_vocab > vocab_size:
-        return f"vocab_size={vocab_size} is below the {data_vocab} tokens of the data's tokenizer"
-    return ""
+        raise DataError(f"vocab_size={vocab_size} is below the {data_vocab} tokens of the data's tokenizer")
 
 
 def count_tokens(data_dir, split="train"):
@@ -64,6 +69,46 @@ def count_tokens(data_dir, split="train"):
     if split == "val":
         return sum(s.get("val", {}).get("tokens", 0) for s in meta["subsets"].values())
     return sum(sh["tokens"] for s in meta["subsets"].values() for sh in s["shards"])
+
+
+def count_val_batches(data_dir, subsets, block_size, batch_size, world_size, seed, eval_iters, warn=print):
+    """Validation batches per subset: eval_iters, or fewer where that would read more than the smallest rank's share
+    of the subset's val shard: with many ranks, each would re-read its documents for no new information (warn says
+    so)."""
+    counts = {}
+    for subset in subsets:
+        share = min(PackedLoader(data_dir, "val", block_size, batch_size, rank=r, world_size=world_size, seed=seed,
+                                 subset=subset).tokens_per_epoch() for r in range(world_size))
+        counts[subset] = max(1, min(eval_iters, share // (batch_size * (block_size + 1))))  # a row: block_size + 1
+        if counts[subset] < eval_iters:
+            warn(f"warning: the {subset} val shard holds {share:,} tokens per rank of {world_size}: validation reads "
+                 f"{counts[subset]} batches of {batch_size} x {block_size}, not eval_iters={eval_iters}, so that no "
+                 f"rank reads a val document twice")
+    return counts
+
+
+def parse_mixture(text, subsets):
+    """The weights of a mixture 'name:weight,...' as a list in the order of `subsets` (summing to 1; a subset not
+    named weighs 0), or None for '' (the proportional draw). A DataError names a bad entry."""
+    if not text:
+        return None
+    weights = dict.fromkeys(subsets, 0.0)
+    for entry in text.split(","):
+        name, _, value = entry.strip().rpartition(":")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not name or weight is None or not weight >= 0 or weight == float("inf"):
+            raise DataError(f"mixture={text!r}: {entry.strip()!r} is not 'subset:weight' with a weight >= 0, e.g. "
+                            f"--mixture=cosmopedia-v2:0.7,fineweb-edu-dedup:0.3")
+        if name not in weights:
+            raise DataError(f"mixture={text!r}: no subset {name!r} in the prepared data (it has: {', '.join(subsets)})")
+        weights[name] = weight
+    total = sum(weights.values())
+    if total == 0:
+        raise DataError(f"mixture={text!r}: every weight is 0; give at least one subset a weight above 0")
+    return [weights[name] / total for name in subsets]
 
 
 class Shard:
@@ -97,6 +142,11 @@ class Shard:
 
     def document(self, i):
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def describe_mixture(weights, subsets):
+    return ("in proportion to the documents left" if weights is None else
+            ", ".join(f"{name} {w:.3g}" for name, w in zip(subsets, weights)))
 
 
 def rank_share(n, rank, world_size):
@@ -142,7 +192,7 @@ def cu_seqlens_of(doc_ids):
 
 class PackedLoader:
     def __init__(self, data_dir, split="train", block_size=4096, batch_size=8, rank=0, world_size=1, seed=1337,
-                 subset=None, device=None):
+                 subset=None, device=None, mixture=""):
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}: use 'train' or 'val'")
         if not 0 <= rank < world_size:
@@ -171,19 +221,40 @@ class PackedLoader:
         if sum(self.docs_per_epoch) == 0:
             raise DataError(f"rank {rank} of {world_size} gets no {split} documents from {data_dir} "
                             f"(subsets {', '.join(self.subsets)}); prepare more data or use fewer ranks")
-        self.epoch, self.draws, self.carry = 0, 0, None
+        self.mixture = parse_mixture(mixture, self.subsets) if split == "train" else None
+        empty = [name for name, w, n in zip(self.subsets, self.mixture or [], self.docs_per_epoch) if w > 0 and n == 0]
+        if empty:
+            raise DataError(f"mixture={mixture!r} weighs {', '.join(empty)}, but rank {rank} of {world_size} gets no "
+                            f"train documents from it in {data_dir}; prepare more data or give it weight 0")
+        self.draws, self.carry = 0, None
         self.start_epoch(0)
 
     # ------------------------------------------------------------------ document order
 
     def start_epoch(self, epoch):
-        self.epoch, self.draws = epoch, 0
+        """Every subset starts epoch `epoch` (the proportional draw: all of them together)."""
+        self.epochs, self.draws = [epoch] * len(self.subsets), 0
         self.position = [[0, 0] for _ in self.subsets]  # per subset: (index into shard order, index into share)
         self.left = list(self.docs_per_epoch)
-        self.shard_orders = [np.arange(len(shards)) if self.split == "val" else
-                             np.random.default_rng([self.seed, epoch, s]).permutation(len(shards))
-                             for s, shards in enumerate(self.shards)]
+        self.shard_orders = [self.shard_order(s) for s in range(len(self.subsets))]
         self.current_share = [None] * len(self.subsets)  # per subset: (shard, this rank's documents of it)
+
+    def start_subset_epoch(self, s):
+        """Subset s alone starts its next epoch (a mixture: the others go on where they are)."""
+        self.epochs[s] += 1
+        self.position[s], self.left[s], self.current_share[s] = [0, 0], self.docs_per_epoch[s], None
+        self.shard_orders[s] = self.shard_order(s)
+
+    def shard_order(self, s):
+        n = len(self.shards[s])
+        if self.split == "val":
+            return np.arange(n)
+        return np.random.default_rng([self.seed, self.epochs[s], s]).permutation(n)
+
+    @property
+    def epoch(self):
+        """Completed passes over the data: with a mixture, the fewest that any weighted subset has completed."""
+        return min(e for e, w in zip(self.epochs, self.mixture or [1] * len(self.epochs)) if w > 0)
 
     def share(self, s, shard):
         """This rank's documents of one shard, in visiting order (the only per-document array held in memory)."""
@@ -194,7 +265,7 @@ class PackedLoader:
     def documents_of(self, s, shard):
         n = self.shards[s][shard].n_docs
         order = np.arange(n) if self.split == "val" else \
-            np.random.default_rng([self.seed, self.epoch, s, shard]).permutation(n)
+            np.random.default_rng([self.seed, self.epochs[s], s, shard]).permutation(n)
         return order[self.rank::self.world_size]
 
     def tokens_per_epoch(self):
@@ -203,18 +274,29 @@ class PackedLoader:
                    for s, shards in enumerate(self.shards) for i, shard in enumerate(shards))
 
     def pick_subset(self):
+        if self.mixture is not None:
+            return self.pick_weighted()
         total = sum(self.left)
         if total == 0:
-            self.start_epoch(self.epoch + 1)
+            self.start_epoch(max(self.epochs) + 1)
             total = sum(self.left)
         if self.split == "val":  # deterministic: subsets one after another
             return next(s for s, n in enumerate(self.left) if n)
-        u = uniform(self.seed, self.rank, self.epoch, self.draws) * total
+        u = uniform(self.seed, self.rank, max(self.epochs), self.draws) * total
         for s, n in enumerate(self.left):
             if u < n:
                 return s
             u -= n
         return max(s for s, n in enumerate(self.left) if n)  # float round-off at the very top of the range
+
+    def pick_weighted(self):
+        u = uniform(self.seed, self.rank, "mixture", self.draws)  # draws count on across epochs here
+        s = next((s for s, c in enumerate(np.cumsum(self.mixture)) if u < c), None)
+        if s is None or self.mixture[s] == 0:  # float round-off at the very top of the range
+            s = max(s for s, w in enumerate(self.mixture) if w > 0)
+        if self.left[s] == 0:
+            self.start_subset_epoch(s)
+        return s
 
     def draw_document(self):
         """(subset, shard, document) of the next document on this rank."""
@@ -272,19 +354,31 @@ class PackedLoader:
 
     def state_dict(self):
         return {"split": self.split, "subsets": list(self.subsets), "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "epoch": self.epoch, "draws": self.draws,
+                "world_size": self.world_size, "epoch": self.epoch, "epochs": list(self.epochs), "draws": self.draws,
                 "position": [list(p) for p in self.position], "left": list(self.left),
-                "carry": list(self.carry) if self.carry is not None else []}
+                "carry": list(self.carry) if self.carry is not None else [], "mixture": self.mixture}
 
     def load_state_dict(self, state):
+        """Continue where `state` stopped. Returns notes for the log: a mixture other than the state's applies from
+        here on (every subset keeps its place in its epoch)."""
         mine = self.state_dict()
         for key in ("split", "subsets", "seed", "world_size", "rank"):
             if state.get(key) != mine[key]:
                 raise DataError(f"data loader state was saved with {key}={state.get(key)!r}, this loader has "
                                 f"{key}={mine[key]!r}: the document order depends on it, so it cannot resume. "
                                 f"Start the data stream afresh (train.py: --restore_data_state=False)")
-        self.start_epoch(state["epoch"])
+        self.epochs = list(state.get("epochs", [state["epoch"]] * len(self.subsets)))  # a state from before mixtures
         self.draws = state["draws"]
         self.position = [list(p) for p in state["position"]]
         self.left = list(state["left"])
+        self.shard_orders = [self.shard_order(s) for s in range(len(self.subsets))]
+        self.current_share = [None] * len(self.subsets)
         self.carry = tuple(state["carry"]) if state["carry"] else None
+        theirs = state.get("mixture")
+        if theirs == self.mixture:
+            return []
+        if self.mixture is None:  # proportional from here: each subset's documents left, then all start afresh
+            self.draws = 0
+        return [f"mixture changed from {describe_mixture(theirs, self.subsets)} to "
+                f"{describe_mixture(self.mixture, self.subsets)}: the new one applies from here, each subset going on "
+                f"from its place"]

@@ -11,7 +11,7 @@ Use:
     model = Transformer(ModelConfig(family="llama", n_layer=10, n_head=8, n_kv_head=2, d_model=512))
     logits, _ = model(idx)                             # idx [B, T] -> fp32 logits [B, T, vocab]
     _, loss = model(idx, targets, doc_ids, cu_seqlens) # packed rows, as data.PackedLoader ships them
-    model.compile_layers()                             # how train.py and bench.py compile
+    model.compile_layers()                             # how train.py compiles
     out = model.generate(idx, max_new_tokens=50, top_k=50)
 
 Packed rows: a token attends only to earlier tokens of its own document, under every attention backend
@@ -88,7 +88,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg, **overrides):
         """The ModelConfig of the model keys in cfg (a train.py-style config dict with other keys too), with
-        overrides: how train.py, bench.py and memory.py build one."""
+        overrides: how train.py and the tools build one."""
         return cls(**{**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__}, **overrides})
 
 
@@ -185,7 +185,7 @@ def doc_cu_seqlens(doc_ids, B, T, device):
 def attended_pairs(cu_seqlens):
     """Unmasked (query, key) pairs of document-causal attention over a batch: sum over segments of L(L+1)/2, an
     int64 tensor on cu_seqlens' device (no sync; padding slots have L = 0). Divided by B * T^2 it is the
-    attn_fraction of Transformer.flops_per_token; train.py and bench.py both count MFU this way."""
+    attn_fraction of Transformer.flops_per_token; train.py and the benchmarks count MFU this way."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     return (lengths * (lengths + 1) // 2).sum()
 
@@ -204,7 +204,7 @@ def varlen_kernel():
         raise RuntimeError("attn_impl='flash_attention_2' needs a CUDA GPU and this machine has none; "
                            "use attn_impl='sdpa' (or 'flex_attention' for CPU inference)")
     # Imported here, inside try, not in the kernel: traced code stays import-free, and transformers' import check of
-    # a trust_remote_code export (export.py) skips optional imports inside try blocks.
+    # a trust_remote_code export (which ships this file) skips optional imports inside try blocks.
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -366,10 +366,11 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-def checkpoint_every(policy):
+def recompute_interval(policy):
     """The activation_checkpointing setting as k, checkpointing every k-th Block: 0 for 'none' (or None, the config
     default), 1 for 'all', else the int itself; a ValueError naming the value for anything else. The one parser of
-    the setting: train.py (to refuse it before training), Transformer.set_activation_checkpointing and memory.py."""
+    the setting: settings.check (to refuse it before training), Transformer.set_activation_checkpointing and the
+    memory estimate."""
     every = {"none": 0, "all": 1}.get(policy, policy) if isinstance(policy, str) else (0 if policy is None else policy)
     if type(every) is not int or every < 0 or (every == 0 and policy not in (None, "none")):
         raise ValueError(f"activation_checkpointing={policy!r}: use 'none', 'all' or an int k >= 1 (every k-th layer)")
@@ -531,7 +532,7 @@ class Transformer(nn.Module):
             raise RuntimeError("attn_impl='flex_attention' cannot train on CPU: torch's flex_attention has no CPU "
                                "backward. Use attn_impl='sdpa' on CPU (flex runs on CPU under torch.no_grad()).")
         h = self.hidden(idx, self.build_mask(doc_ids, B, T, idx.device, cu_seqlens))
-        with torch.profiler.record_function("head+loss"):  # a named range for bench.py --what=profile
+        with torch.profiler.record_function("head+loss"):  # a named range: a profile shows the head apart
             if targets is None:
                 return self.lm_head(h).float(), None
             loss = self.loss_fn(h.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), per_row=per_token)
@@ -540,7 +541,7 @@ class Transformer(nn.Module):
     def set_activation_checkpointing(self, policy):
         """'none' | 'all' | k (int): every k-th Block (1 = all) keeps only its input for backward and recomputes
         the rest there: their activation memory for one more forward of those layers (torch.utils.checkpoint)."""
-        every = checkpoint_every(policy)
+        every = recompute_interval(policy)
         for i, layer in enumerate(self.layers):
             layer.checkpointed = every > 0 and i % every == 0
         return self

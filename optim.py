@@ -1,6 +1,6 @@
 """
 The optimizers of train.py and the parameter groups each one gets (make_optimizer): Muon with AdamW beside it, and
-memory-lean AdamW and Adafactor for bf16 weights. Used by train.py, bench.py and memory.py.
+memory-lean AdamW and Adafactor for bf16 weights. Used by train.py and the tools.
 
     from optim import AdamW, Adafactor, Muon
     opt = Muon(groups, lr=3e-4, betas=(0.8, 0.95), seed=1337)   # groups with muon=True: Muon; the others: AdamW
@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel import local as _local  # a DTensor's local shard, a view: in-place ops on it change the DTensor
-from runtime import default_dtype
+from machine import default_dtype
 
 # Parameters stacked into one call of a step's kernels: at most this many elements (256 MB in fp32), so the step's
 # stacked copies stay small next to the model's state. Stacks reach it only in models past about 1B parameters.
@@ -523,29 +523,28 @@ def state_bytes(optimizer):
                if isinstance(t, torch.Tensor))
 
 
-def settings_problem(lr, min_lr, lr_scale, betas, muon_lr=0.0, name="adamw", sharded=False):
-    """What is wrong with train.py's optimizer settings (LRs, betas, an optimizer `name` that cannot step FSDP shards
-    when `sharded`), in one message naming the values, or '' when they are fine. lr, min_lr and muon_lr are per
-    sequence; lr_scale = sqrt(global batch in sequences) multiplies them."""
+def check_settings(lr, min_lr, lr_scale, betas, muon_lr=0.0, name="adamw", sharded=False):
+    """Raise a ValueError naming the values when train.py's optimizer settings cannot train (LRs, betas, an
+    optimizer `name` that cannot step FSDP shards when `sharded`). lr, min_lr and muon_lr are per sequence;
+    lr_scale = sqrt(global batch in sequences) multiplies them."""
     if sharded and name == "adafactor":
-        return ("optimizer='adafactor' cannot run with parallel='fsdp': its factored row and column statistics span "
-                "whole matrices, which FSDP splits over ranks. Use --optimizer=adamw (with --param_dtype=bfloat16 for "
-                "8 bytes a parameter), or parallel='ddp'")
+        raise ValueError("optimizer='adafactor' cannot run with parallel='fsdp': its factored row and column "
+                         "statistics span whole matrices, which FSDP splits over ranks. Use --optimizer=adamw (with "
+                         "--param_dtype=bfloat16 for 8 bytes a parameter), or parallel='ddp'")
     beta1, beta2 = betas
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):  # Adam's bias corrections divide by 1 - beta^step
-        return f"beta1={beta1:g}, beta2={beta2:g}: both must lie in [0, 1), e.g. --beta1=0.9 --beta2=0.95"
+        raise ValueError(f"beta1={beta1:g}, beta2={beta2:g}: both must lie in [0, 1), e.g. --beta1=0.9 --beta2=0.95")
     fp32_max = torch.finfo(torch.float32).max
     for key, value in (("lr", lr), ("min_lr", min_lr), ("muon_lr", muon_lr)):
         # An infinite LR turns every weight into inf or NaN at once; AdamW's first step computes lr / (1 - beta1) as
         # an fp32 number, which must not overflow either.
         scaled = value * lr_scale
         if not (math.isfinite(scaled) and 0 <= scaled / (1 - beta1) <= fp32_max):
-            return (f"{key}={value:g} gives an LR of {value:g} x sqrt({lr_scale ** 2:g}) = {scaled:g}; it must be a "
-                    f"finite number >= 0, below float32's {fp32_max:.3g} x (1 - beta1) (lr is for a global batch of "
-                    f"one sequence, e.g. --{key}=1e-4)")
+            raise ValueError(f"{key}={value:g} gives an LR of {value:g} x sqrt({lr_scale ** 2:g}) = {scaled:g}; it "
+                             f"must be a finite number >= 0, below float32's {fp32_max:.3g} x (1 - beta1) (lr is for "
+                             f"a global batch of one sequence, e.g. --{key}=1e-4)")
     if min_lr > lr:
-        return f"min_lr={min_lr} is above lr={lr}; the schedule decays from lr down to min_lr"
-    return ""
+        raise ValueError(f"min_lr={min_lr} is above lr={lr}; the schedule decays from lr down to min_lr")
 
 
 def param_groups(model, weight_decay, muon=False):
@@ -577,8 +576,8 @@ def describe_groups(model, name, weight_decay, lr, muon_lr):
 
 
 def step_bytes(model, name, param_dtype):
-    """The most memory a step of optimizer `name` takes beyond its state, an upper estimate (memory.py): five fp32
-    working copies of its largest stack (an eager step makes them; compiled kernels fuse most away), or of the
+    """The most memory a step of optimizer `name` takes beyond its state, an upper estimate for memory planning: five
+    fp32 working copies of its largest stack (an eager step makes them; compiled kernels fuse most away), or of the
     largest parameter for Adafactor's one-at-a-time step; none for torch's fused AdamW on fp32 weights, which
     works in place. The model may be on the meta device."""
     if name == "adamw" and param_dtype == "float32":
@@ -591,7 +590,7 @@ def step_bytes(model, name, param_dtype):
 
 
 def make_optimizer(model, name, param_dtype, lr, betas, weight_decay, seed, device_type, muon_lr=None, compile=False):
-    """train.py's, bench.py's and memory.py's optimizer over param_groups(model, ...). fp32 weights with 'adamw':
+    """The optimizer of train.py (and the tools) over param_groups(model, ...). fp32 weights with 'adamw':
     torch.optim.AdamW (fused on CUDA); bf16 weights, 'adafactor' or 'muon': the classes above, Muon's and AdamW's
     kernels compiled with compile=True. Every group carries its peak_lr (muon_lr for the Muon group, lr for the
     others), which the LR schedule multiplies."""

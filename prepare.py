@@ -43,12 +43,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-import durable
+import atomic_write
 from tokenizer import TOKENIZER, TokenizerError, load_tokenizer
 
 REPO_ID = "HuggingFaceTB/smollm-corpus"
 REVISION = "3ba9d605774198c5868892d7a8deda78031a781f"  # pinned, so that a rerun months later reads the same files
-SUBSETS = ("cosmopedia-v2", "fineweb-edu-dedup")
+# The subsets prepared by default, each with the parquet column that holds its documents' text: a new source laid out
+# like the hub (<subset>/train-NNNNN-of-MMMMM.parquet) is one entry here; data.py and train.py read whatever subsets
+# meta.json lists, and the mixture key weighs them.
+SUBSETS = {"cosmopedia-v2": "text", "fineweb-edu-dedup": "text"}
 READ_BATCH_ROWS = 1024   # rows per parquet record batch: bounds memory whatever the file size
 TOKENIZE_CHUNK_ROWS = 256  # rows per task sent to a worker process
 VAL_MAX_SHARE = 0.1  # val takes at most this share of a subset's first file, so a small corpus keeps its train data
@@ -210,35 +213,40 @@ def first_docs_files(source, files, docs, revision):
 def open_source(source, rel, revision, download_dir=None, footer=None):
     """The ParquetFile of one source file: local, downloaded whole into download_dir, or (download_dir None, hub)
     read by ranges, with its footer (pyarrow FileMetaData) as already read, if given."""
+    column = text_column(rel)
     if source != "hf":
-        pf = open_parquet(Path(source) / rel, footer=footer)
-        yield pf
+        yield open_parquet(Path(source) / rel, column, footer=footer)
     elif download_dir is None:
         with open_remote(rel, revision) as f:
-            yield open_parquet(f, name=f"{REPO_ID}/{rel}", footer=footer)
+            yield open_parquet(f, column, name=f"{REPO_ID}/{rel}", footer=footer)
     else:
-        yield open_parquet(fetch(source, rel, download_dir, revision))
+        yield open_parquet(fetch(source, rel, download_dir, revision), column)
+
+
+def text_column(rel):
+    """The column of a source file (subset/train-....parquet) that holds its documents' text."""
+    return SUBSETS[rel.split("/")[0]]
 
 
 # ----------------------------------------------------------------------------- writing shards
 
-def open_parquet(path, name=None, footer=None):
-    """The parquet file at path (or in a file object), checked to be readable and to have a `text` column; with
-    `footer` (its FileMetaData, read before) pyarrow does not read the footer again."""
+def open_parquet(path, column, name=None, footer=None):
+    """The parquet file at path (or in a file object), checked to be readable and to have the text column `column`;
+    with `footer` (its FileMetaData, read before) pyarrow does not read the footer again."""
     name = name or path
     try:
         pf = pq.ParquetFile(path, metadata=footer)
     except Exception as e:
         raise PrepareError(f"{name}: not a readable parquet file ({e}); delete it and rerun") from None
-    if "text" not in pf.schema_arrow.names:
-        raise PrepareError(f"{name}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)}); "
-                           f"is this a smollm-corpus file?")
+    if column not in pf.schema_arrow.names:
+        raise PrepareError(f"{name}: no {column!r} column (columns: {', '.join(pf.schema_arrow.names)}); is this a "
+                           f"smollm-corpus file? (prepare.py's SUBSETS names each subset's text column)")
     return pf
 
 
-def tokenized_chunks(pf, pool, workers, rows):
+def tokenized_chunks(pf, column, pool, workers, rows):
     """Yield (tokens, lengths, skipped) per chunk of the file's first `rows` rows, in file order, with at most
-    2 x workers chunks in flight. Reads one record batch at a time (only the `text` column), and only the row
+    2 x workers chunks in flight. Reads one record batch at a time (only the text column), and only the row
     groups that hold those rows."""
     pending = deque()
     groups, covered = [], 0
@@ -246,7 +254,7 @@ def tokenized_chunks(pf, pool, workers, rows):
         covered += pf.metadata.row_group(len(groups)).num_rows
         groups.append(len(groups))
     left = rows
-    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=["text"]):
+    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=[column]):
         texts = batch.column(0).to_pylist()[:left]
         left -= len(texts)
         for i in range(0, len(texts), TOKENIZE_CHUNK_ROWS):
@@ -289,18 +297,18 @@ class ShardWriter:
         return {"docs": self.docs, "tokens": self.tokens}
 
     def commit(self):
-        durable.replace(f"{self.bin_path}.tmp", self.bin_path)
-        durable.replace(f"{self.idx_path}.tmp", self.idx_path)
+        atomic_write.replace(f"{self.bin_path}.tmp", self.bin_path)
+        atomic_write.replace(f"{self.idx_path}.tmp", self.idx_path)
 
 
-def tokenize_file(pf, rows, out_dir, shard_name, val_docs, pool, workers, progress):
+def tokenize_file(pf, column, rows, out_dir, shard_name, val_docs, pool, workers, progress):
     """Tokenize the first `rows` rows of one parquet file into its train shard (and, for a subset's first file, the
     val shard), on disk under .tmp names -> (the shards' writers, for the caller to commit; {"train": counts,
     "val": counts, "skipped_docs"})."""
     val = ShardWriter(out_dir, "val") if val_docs else None
     train = ShardWriter(out_dir, shard_name)
     skipped = 0
-    for tokens, lengths, n_skipped in tokenized_chunks(pf, pool, workers, rows):
+    for tokens, lengths, n_skipped in tokenized_chunks(pf, column, pool, workers, rows):
         skipped += n_skipped
         progress.update(len(lengths) + n_skipped, int(lengths.sum()))
         if val is not None and val.docs < val_docs:  # the first val_docs documents go to val
@@ -324,7 +332,7 @@ def write_json_atomic(path, obj):
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    durable.replace(tmp, path)
+    atomic_write.replace(tmp, path)
 
 
 def load_or_new_meta(out, source, revision, files, val_docs, docs):
@@ -435,8 +443,8 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
                     if wanted_val < val_docs:
                         progress.warn(f"{rel} {read}: val takes {wanted_val} documents (at most "
                                       f"{VAL_MAX_SHARE:.0%} of a subset's first file), not --val-docs {val_docs}")
-                writers, result = tokenize_file(pf, rows, out / subset, f"train-{i:05d}", wanted_val, pool, workers,
-                                                progress)
+                writers, result = tokenize_file(pf, text_column(rel), rows, out / subset, f"train-{i:05d}",
+                                                wanted_val, pool, workers, progress)
             shards = meta["subsets"][subset]["shards"]
             shards[:] = [sh for sh in shards if sh["source"] != rel]  # a redone shard replaces its old entry
             shards.append({"name": f"train-{i:05d}", "source": rel, **result["train"],

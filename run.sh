@@ -79,8 +79,8 @@ smoke() {
 [run.sh] done. Next (inside the environment: source $VENV/bin/activate):
   python prepare.py --fraction 0.01                                   # more data: the first 1% of each subset's files
   torchrun --standalone --nproc_per_node=8 train.py config/deepone.py # all GPUs of a node
-  python plot.py $out                                                 # loss curves (pip install -r requirements-extras.txt)
-  python export.py --out_dir=$out --to=hf/smoke                       # a Hugging Face transformers folder
+  python -m tools.plot $out                                           # loss curves (pip install -r requirements-extras.txt)
+  python -m tools.export --out_dir=$out --to=hf/smoke                 # a Hugging Face transformers folder
 EOF
 }
 

@@ -18,7 +18,7 @@ import torch
 import checkpoint
 from configurator import configure
 from model import ATTN_IMPLS
-from runtime import resolve
+from machine import resolve
 from tokenizer import TokenizerError, load_tokenizer
 
 # -----------------------------------------------------------------------------

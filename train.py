@@ -10,13 +10,17 @@ Chosen GPUs of one node (here 3 of them):
 Check a configuration without training (prints config, model size, tokens per step, LR, planned steps):
     python train.py config/deepone.py --dry_run=True
 
-Configuration: the defaults below, then the config files and --key=value overrides on the command line, in order
-(configurator.py). Reads data_dir (written by prepare.py). Writes out_dir/ckpt-NNNNNNNN.pt (the newest keep_last of
-them; see checkpoint.py) and out_dir/log.jsonl, one JSON object a line: training records {"step", "loss" (mean over
-ranks and micro-steps), "lr", "grad_norm", "tokens_per_sec", "mfu", ...}, validation records {"step", "tokens",
-"val_loss/<subset>"}, with sample_interval text samples {"step", "samples": [{"prompt", "greedy", "sampled"}]}, and at
-each launch {"step", "run": {"device", "backend", "parallel", "dtype", "attn_impl", ...}}, the resolved settings. A resume
-drops the records of steps after its checkpoint, so the file reads as one run. plot.py draws the curves.
+Configuration: settings.py's defaults (every key and what it means), then the config files and --key=value
+overrides on the command line, in order (configurator.py). Reads data_dir (written by prepare.py). Writes
+out_dir/ckpt-NNNNNNNN.pt (the newest keep_last of them; see checkpoint.py) and out_dir/log.jsonl, one JSON object a
+line: training records {"step", "loss" (mean over ranks and micro-steps), "lr", "grad_norm", "tokens_per_sec", "mfu",
+...}, validation records {"step", "tokens", "val_loss/<subset>", "val_bpb/<subset>"}, with sample_interval text
+samples {"step", "samples": [{"prompt", "greedy", "sampled"}]}, and at each launch {"step", "run": {"device",
+"backend", "parallel", "dtype", "attn_impl", ...}}, the resolved settings. A resume drops the records of steps after
+its checkpoint, so the file reads as one run (python -m tools.plot draws them).
+
+Reading order: settings and their checks; the plan; the process group; resume; data; model and optimizer; the
+helpers of a step and of what falls due after it; the loop, which opens with the step.
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) on any rank makes every rank finish its step, save a checkpoint and exit 0; run
 the same command again to continue (init_from='auto' resumes from the newest checkpoint in out_dir). torchrun forwards
@@ -29,7 +33,6 @@ holds NaN weights.
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -46,112 +49,20 @@ import torch.nn.functional as F
 
 import checkpoint
 import optim
+import settings
 from configurator import configure
-from data import PackedLoader, count_tokens, read_meta, to_device, vocab_problem
-from memory import peak_memory_gib
-from model import ModelConfig, Transformer, attended_pairs, checkpoint_every
+from data import DataError, PackedLoader, check_vocab, count_tokens, count_val_batches, describe_mixture
+from data import parse_mixture, read_meta, to_device
+from model import ModelConfig, Transformer, attended_pairs
 from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
 from parallel import wrap as parallel_wrap
-from runtime import gpu_peak_tflops, resolve
+from machine import gpu_peak_tflops, peak_memory_gib, resolve
 from tokenizer import TokenizerError, load_tokenizer, token_byte_lengths
 
 # -----------------------------------------------------------------------------
-# default config values
-# I/O
-out_dir = "out"
-init_from = "auto"  # 'scratch' | 'resume' | 'auto' (resume when out_dir has a checkpoint, else scratch)
-save_strategy = "steps"  # periodic checkpoints: 'steps' (every save_interval) | 'epoch' (train data wrapped) | 'no'
-save_interval = 1000  # steps between checkpoints; the end of the run, max_steps and SIGTERM always save
-keep_last = 3  # checkpoints kept in out_dir; older ones are deleted
-keep_best = False  # also keep the checkpoint of the lowest mean validation loss, saved at its evaluation
-divergence_margin = 1.0  # stop (exit 1) when the train loss's short EMA (0.1) rises this far above its long EMA
-#                          (0.01), at a log point; 0 = off
-eval_interval = 1000  # steps between validation passes (0 = only at the end of the schedule)
-eval_iters = 20  # validation batches per rank and subset (the same fixed blocks every time), at most one pass
-log_interval = 10  # steps between log lines and log.jsonl records
-step_cadence = 1.0  # multiplies log/eval/save intervals, e.g. 0.25 after making each step 4x larger
-sample_interval = 0  # steps between greedy and sampled continuations of fixed prompts, printed and logged (0 = off)
-eval_tasks = ""  # comma-separated lm-evaluation-harness tasks (or groups) scored on the live model, e.g.
-#                  'hellaswag,arc_easy,piqa' (harness.py; pip install lm-eval); '' = off
-eval_tasks_interval = 0  # steps between task evaluations (0 = only at the end of the schedule)
-eval_tasks_limit = 0  # examples per task, for a cheap signal; 0 = all of each task's evaluation split
-eval_tasks_path = ""  # a directory of extra lm-eval task YAML files (local tasks); '' = lm-eval's own only
-log_checksums = False  # log records carry per-rank parameter and batch checksums (for tests and debugging)
-wandb_log = False  # also log to Weights & Biases (pip install wandb)
-wandb_project = "smoltrain"
-wandb_run_name = ""  # '' = the name of out_dir
-dry_run = False  # print the resolved config and the plan, then exit
-# data
-data_dir = "data/smollm"
-batch_size = 8  # sequences per device per micro-step
-grad_accum = 1  # micro-steps per optimizer step, used to simulate larger batches
-block_size = 4096  # tokens per sequence, and the model's maximum length
-restore_data_state = True  # on resume, each rank's data stream continues where it stopped
-init_weights = ""  # a checkpoint path: start this (new) run from its weights only, in any mode; '' = from scratch
-dispatch_batches = False  # rank 0 reads every rank's batches and sends them out (the same batches as reading locally)
-# model: the fields of model.ModelConfig (block_size above is the model's too)
-family = "deepone"
-vocab_size = 50304  # GPT-2's 50257 tokens, padded to a multiple of 64
-n_layer = 12
-n_head = 12
-n_kv_head = None  # None = n_head
-d_model = 768
-d_ff = None  # None = the family's default
-rope_theta = 10000.0
-norm_eps = 1e-6
-tie_embeddings = False
-qk_norm = None  # None = the family's default
-attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) | 'eager' | 'sdpa' | 'flex_attention' | 'flash_attention_2'
-loss_chunk_size = 4096  # rows of hidden states per chunk of the fused head + cross-entropy
-# optimizer
-optimizer = "muon"  # 'muon' (optim.Muon on the Blocks' weight matrices, AdamW with lr on embedding, head, gains;
-#                     the measured best, README "Recipe") | 'adamw' (torch's, fused on CUDA; optim.AdamW for bf16
-#                     weights) | 'adafactor' (optim.Adafactor)
-lr = 1e-4  # peak LR for a global batch of ONE sequence; scaled by sqrt(batch_size * grad_accum * world_size)
-muon_lr = 7e-3  # optimizer='muon': peak LR of the Blocks' matrices, same units and scaling as lr
-min_lr = 5e-6  # LR at the end of the schedule, same units as lr; every group ends at its peak x min_lr / lr
-# AdamW's betas and decoupled weight decay (decay on >= 2-D weights only). The defaults are those of the Muon recipe,
-# where AdamW trains the embedding, head and gains: nanochat's beta1 0.8 and no decay, measured best (README "Recipe").
-# optimizer='adamw' was measured with beta1 0.9 and weight_decay 0.1.
-weight_decay = 0.0
-beta1 = 0.8
-beta2 = 0.95
-grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
-# LR schedule (in tokens, so that it survives a change of batch size or world size on resume)
-lr_schedule = "wsd"  # 'wsd' (warmup-stable-decay: constant, then a linear decay to min_lr over the last decay_frac
-#                     of train_tokens; ends level with cosine under Muon, README "Recipe", and a stable-phase
-#                     checkpoint can be continued) | 'cosine' (down to min_lr at train_tokens)
-decay_frac = 0.5  # lr_schedule='wsd': the share of train_tokens that the final linear decay spans
-warmup_tokens = 100_000_000  # linear warmup from 0 to the peak LR
-train_tokens = 0  # tokens the schedule spans (it ends here); 0 = one epoch of the prepared train data
-max_steps = 0  # stop after this step, with a checkpoint, without changing the schedule; 0 = run to the end
-# DDP / FSDP
-backend = "auto"  # 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
-dist_timeout_s = 0  # seconds a collective waits for a late rank before the run fails; 0 = torch's (NCCL 10 min)
-save_timeout_s = 3600  # seconds the other ranks wait for rank 0 to write a checkpoint (gloo, not dist_timeout_s)
-parallel = "ddp"  # under torchrun: 'ddp' (replicated) | 'fsdp' (FSDP2: weights, grads, optimizer sharded over ranks)
-# system
-device = "auto"  # 'auto' (cuda if available) | 'cuda' | 'cpu' (cpu = no accelerator)
-dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA and on CPUs with native bf16, else float32) | 'bfloat16' | 'float32'
-compile = True  # torch.compile the model's layers (model.compile_layers, before the DDP wrap) and optimizer kernels
-compile_mode = "default"  # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
-#                           | 'max-autotune-no-cudagraphs'; 'default' until another one is measured faster
-param_dtype = "float32"  # weights, grads, optimizer state: 'float32' (16 B/param) | 'bfloat16' (8 B/param, optim.py)
-activation_checkpointing = None  # None or 'none' | 'all' | k (every k-th layer): recompute activations in backward
-peak_tflops = 0.0  # one device's dense bf16 peak for MFU; 0 = look up the GPU's name
-seed = 1337
-# -----------------------------------------------------------------------------
-CHOICES = {
-    "init_from": ("scratch", "resume", "auto"), "save_strategy": ("steps", "epoch", "no"),
-    "device": ("auto", "cuda", "cpu"), "backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "bfloat16", "float32"),
-    "optimizer": ("adamw", "adafactor", "muon"), "parallel": ("ddp", "fsdp"), "param_dtype": ("float32", "bfloat16"),
-    "lr_schedule": ("cosine", "wsd"),
-    "attn_impl": ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2"),
-    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-}
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))]
-cfg = configure({k: globals()[k] for k in config_keys}, sys.argv[1:], choices=CHOICES)
-globals().update(cfg)  # the resolved values replace the defaults above; cfg is saved in every checkpoint
+# settings: settings.py's defaults (every key, what it means), then config files and --key=value overrides, in order
+cfg = configure(settings.DEFAULTS, sys.argv[1:], choices=settings.CHOICES)
+globals().update(cfg)  # every key is a name here, as in nanoGPT; cfg is saved in every checkpoint
 # -----------------------------------------------------------------------------
 
 ddp = "RANK" in os.environ  # launched by torchrun
@@ -173,40 +84,12 @@ def die(message):
     sys.exit(1)
 
 
-def loop_settings_problem(cfg):
-    """What is wrong with the loop's own settings (sizes, intervals, fractions, timeouts, activation checkpointing), as
-    one message naming the values, or '' when they are fine. The optimizer's are optim.settings_problem's."""
-    for minimum, keys in ((1, ("batch_size", "grad_accum", "block_size", "keep_last", "eval_iters", "log_interval",
-                               "save_interval")),
-                          (0, ("max_steps", "train_tokens", "warmup_tokens", "eval_interval", "sample_interval",
-                               "grad_clip", "eval_tasks_interval", "eval_tasks_limit"))):
-        if any(cfg[k] < minimum for k in keys):
-            return (f"{', '.join(f'{k}={cfg[k]}' for k in keys if cfg[k] < minimum)}: {', '.join(keys)} must be "
-                    f">= {minimum}")
-    if not 0 < cfg["decay_frac"] <= 1:
-        return (f"decay_frac={cfg['decay_frac']} must be in (0, 1]: the share of train_tokens that lr_schedule='wsd' "
-                f"decays over")
-    if cfg["divergence_margin"] < 0:
-        return f"divergence_margin={cfg['divergence_margin']} must be >= 0 (0 turns the divergence stop off)"
-    if cfg["step_cadence"] <= 0:
-        return f"step_cadence={cfg['step_cadence']} must be > 0 (it multiplies the log, eval and save intervals)"
-    if cfg["dist_timeout_s"] < 0 or cfg["save_timeout_s"] <= 0:
-        return (f"dist_timeout_s={cfg['dist_timeout_s']} must be >= 0 (0 = torch's default) and "
-                f"save_timeout_s={cfg['save_timeout_s']} > 0")
-    try:
-        checkpoint_every(cfg["activation_checkpointing"])
-    except ValueError as e:
-        return str(e)
-    return ""
-
-
 # device, precision, attention and distributed backends: what 'auto' means on this machine
 try:
+    settings.check(cfg)
     device, dtype, attn_impl, backend = resolve(device, dtype, param_dtype, attn_impl, backend)
 except ValueError as e:
     die(str(e))
-if problem := loop_settings_problem(cfg):
-    die(problem)
 activation_checkpointing = "none" if activation_checkpointing is None else activation_checkpointing
 text_tokenizer = None
 if sample_interval or eval_tasks:  # loaded now: a missing tokenizer stops the run before training, not at its first use
@@ -218,12 +101,12 @@ if sample_interval or eval_tasks:  # loaded now: a missing tokenizer stops the r
 task_suite = None
 if eval_tasks:  # the tasks and their data are loaded now, so that a bad name or missing data stops the run here
     try:
-        import harness
+        import downstream
     except ImportError as e:
         die(str(e))
     try:
-        task_suite = harness.load_tasks(eval_tasks, eval_tasks_path)
-    except harness.TaskError as e:
+        task_suite = downstream.load_tasks(eval_tasks, eval_tasks_path)
+    except downstream.TaskError as e:
         die(str(e))
 try:  # validation in bits per byte needs each token's length in UTF-8 bytes, read from the tokenizer once
     token_bytes = token_byte_lengths(text_tokenizer or load_tokenizer(), vocab_size)
@@ -245,10 +128,19 @@ except (TypeError, ValueError) as e:
 tokens_per_step = batch_size * block_size * grad_accum * world_size
 lr_scale = math.sqrt(batch_size * grad_accum * world_size)  # lr is for a global batch of one sequence
 peak_lr, final_lr, peak_muon_lr = lr * lr_scale, min_lr * lr_scale, muon_lr * lr_scale
-if problem := optim.settings_problem(lr, min_lr, lr_scale, (beta1, beta2), muon_lr if optimizer == "muon" else 0.0,
-                                     optimizer, sharded=parallel == "fsdp"):
-    die(problem)
-if train_tokens == 0 and not (dry_run and not os.path.exists(os.path.join(data_dir, "meta.json"))):
+try:
+    optim.check_settings(lr, min_lr, lr_scale, (beta1, beta2), muon_lr if optimizer == "muon" else 0.0, optimizer,
+                         sharded=parallel == "fsdp")
+except ValueError as e:
+    die(str(e))
+prepared = os.path.exists(os.path.join(data_dir, "meta.json"))  # a dry run may come before prepare.py
+try:
+    subsets = list(read_meta(data_dir)["subsets"]) if prepared else None
+    if subsets:
+        parse_mixture(mixture, subsets)
+except DataError as e:
+    die(str(e))
+if train_tokens == 0 and not (dry_run and not prepared):
     train_tokens = count_tokens(data_dir, "train")  # one epoch; a dry run without data leaves it unknown
 planned_steps = math.ceil(train_tokens / tokens_per_step)
 log_every, eval_every, save_every, sample_every, tasks_every = (
@@ -268,6 +160,8 @@ def describe_plan(model):
         f"compile={compile}" + (f" (mode {compile_mode})" if compile else "")
         + f", weights {param_dtype}, activation checkpointing {activation_checkpointing}",
         f"tokens per step: {batch_size} seqs x {block_size} tokens{accum} x {world_size} ranks = {tokens_per_step:,}",
+        f"data: {data_dir}, train documents drawn " + (describe_mixture(parse_mixture(mixture, subsets), subsets)
+                                                       if subsets else f"as mixture={mixture!r} says"),
         f"lr: {lr:g} x sqrt({batch_size * grad_accum * world_size}) = {peak_lr:.3e} peak, min_lr -> {final_lr:.3e}"
         + (f"; muon_lr: {muon_lr:g} x sqrt({batch_size * grad_accum * world_size}) = {peak_muon_lr:.3e} peak"
            if optimizer == "muon" else ""),
@@ -278,13 +172,14 @@ def describe_plan(model):
            f"one epoch of {data_dir} (not prepared yet; or set --train_tokens){stop}"),
     ] + ([f"eval_tasks: {', '.join(task_suite.leaves)}" + (f", {eval_tasks_limit} examples each" if eval_tasks_limit
           else "") + (f", every {tasks_every} steps and" if eval_tasks_interval else ",") + " at the end of the schedule"]
-         if task_suite else []) + ([f"warning: warmup_tokens={warmup_tokens:,} >= train_tokens: the LR never reaches its peak"]
-         if 0 < train_tokens <= warmup_tokens else []))
+         if task_suite else [])
+        + ([f"warning: warmup_tokens={warmup_tokens:,} >= train_tokens: the LR never reaches its peak"]
+           if 0 < train_tokens <= warmup_tokens else []))
 
 
 if dry_run:
     if master:
-        print("config:\n" + "\n".join(f"  {k} = {cfg[k]!r}" for k in config_keys))
+        print("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in cfg.items()))
         with torch.device("meta"):  # sizes without allocating the weights
             meta_model = Transformer(model_config)
         if train_tokens == 0:
@@ -293,8 +188,10 @@ if dry_run:
     sys.exit(0)
 if train_tokens == 0:
     die(f"train_tokens=0: the prepared data in {data_dir} has no train tokens")
-if problem := vocab_problem(data_dir, vocab_size):
-    die(problem)
+try:
+    check_vocab(data_dir, vocab_size)
+except DataError as e:
+    die(str(e))
 
 if ddp:
     if device == "cuda":
@@ -332,12 +229,10 @@ signal.signal(signal.SIGINT, on_signal)
 # -----------------------------------------------------------------------------
 # resume: find and check the checkpoint before building anything
 os.makedirs(out_dir, exist_ok=True)
-ckpt_path = checkpoint.latest(out_dir)
-if init_from == "resume" and ckpt_path is None:
-    die(f"init_from='resume' but {out_dir} has no checkpoint (ckpt-*.pt); use --init_from=scratch or auto")
-if init_from == "scratch" and ckpt_path:
-    die(f"init_from='scratch' but {out_dir} already holds checkpoints (newest {ckpt_path}): a new run there would mix "
-        f"with them. Use another --out_dir, or delete them (or --init_from=auto to continue that run)")
+try:
+    ckpt_path = checkpoint.to_resume(out_dir, init_from)
+except checkpoint.CheckpointError as e:
+    die(str(e))
 if ddp:  # every rank resumes from rank 0's checkpoint: on several nodes out_dir must be one shared directory
     seen = [None] * world_size
     dist.all_gather_object(seen, os.path.basename(ckpt_path) if ckpt_path else None)
@@ -346,45 +241,19 @@ if ddp:  # every rank resumes from rank 0's checkpoint: on several nodes out_dir
         die(f"the ranks see different checkpoints in out_dir={out_dir}: rank 0 {seen[0] or 'none'}, rank {odd} "
             f"{seen[odd] or 'none'}. With several nodes, out_dir must be one directory shared by all of them (e.g. "
             f"on a network filesystem), so that every rank resumes from the checkpoints rank 0 writes")
-ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
+ckpt, weights_ckpt = (checkpoint.load(ckpt_path), None) if ckpt_path else (None, None)
 if init_weights and ckpt:
     print0(f"init_weights ignored: resuming the run in {out_dir} from {ckpt_path}")
 if init_weights and not ckpt:  # a new run from another run's weights: any parallel mode, param_dtype or optimizer
     if not os.path.isfile(init_weights):
         die(f"init_weights={init_weights!r} is not a file; give a checkpoint path such as out/run/ckpt-00001000.pt")
     ckpt_path, weights_ckpt = init_weights, checkpoint.load(init_weights)
-else:
-    weights_ckpt = None
-
-
-def check_checkpoint(ckpt, weights_only=False):
-    """Refuse a checkpoint that this run cannot continue, saying what differs and what to do."""
-    wanted = dataclasses.asdict(model_config)
-    # Runtime choices that leave the weights' shapes and meaning alone: the attention kernel, the head+loss chunking,
-    # and block_size (every family uses RoPE: no learned position table, positions are computed for any length).
-    differ = [f"{k}: checkpoint {v!r}, this run {wanted.get(k)!r}" for k, v in ckpt["model_config"].items()
-              if k not in ("attn_impl", "loss_chunk_size", "block_size") and wanted.get(k) != v]
-    if differ:
-        die(f"checkpoint {ckpt_path} holds a different model:\n  " + "\n  ".join(differ) + "\n"
-            f"Give the same model settings as the run that wrote it (e.g. the same config file), or train a new model "
-            f"with --init_from=scratch and another --out_dir.")
-    if weights_only:
-        return
-    # parallel ('ddp' | 'fsdp') and param_dtype may change: checkpoints hold the full state, cast on load
-    if ckpt["config"]["optimizer"] != optimizer:
-        die(f"checkpoint {ckpt_path} holds {ckpt['config']['optimizer']} state and this run asks for "
-            f"--optimizer={optimizer}; keep --optimizer={ckpt['config']['optimizer']}, or start a new run from its "
-            f"weights only: --init_weights={ckpt_path} --out_dir=NEW_DIR.")
-    if restore_data_state and ckpt["world_size"] != world_size:
-        die(f"checkpoint {ckpt_path} was written by {ckpt['world_size']} ranks and this run has {world_size}: the "
-            f"data positions are per rank. Relaunch with {ckpt['world_size']} ranks, or pass --restore_data_state=False "
-            f"to keep the weights, optimizer and schedule but start the data streams afresh.")
-
-
-if ckpt:
-    check_checkpoint(ckpt)
-if weights_ckpt:
-    check_checkpoint(weights_ckpt, weights_only=True)
+try:  # a run can continue only its own model and optimizer; init_weights needs only the same model
+    if ckpt or weights_ckpt:
+        checkpoint.check_resumable(ckpt or weights_ckpt, ckpt_path, model_config, cfg, world_size,
+                                   weights_only=ckpt is None)
+except checkpoint.CheckpointError as e:
+    die(str(e))
 
 # -----------------------------------------------------------------------------
 # data: each rank reads its own stream; with dispatch_batches rank 0 reads all of them and scatters the batches
@@ -395,7 +264,7 @@ def make_loaders(split, subset=None):
     ranks = (range(world_size) if master else []) if dispatch_batches else [rank]
     on = None if dispatch_batches else device
     return [PackedLoader(data_dir, split, block_size, batch_size, rank=r, world_size=world_size, seed=seed,
-                         subset=subset, device=on) for r in ranks]
+                         subset=subset, device=on, mixture=mixture) for r in ranks]
 
 
 def next_batch(loaders):
@@ -427,11 +296,6 @@ eot_token = read_meta(data_dir)["eot_token"]
 if token_bytes is not None:
     token_bytes = token_bytes.to(device)
 train_loaders = make_loaders("train")
-subsets = train_loaders[0].subsets if train_loaders else None
-if dispatch_batches and ddp:
-    shared = [subsets]
-    dist.broadcast_object_list(shared, src=0)  # the other ranks read no data, so they learn the subsets from rank 0
-    subsets = shared[0]
 
 # -----------------------------------------------------------------------------
 # model, compile, DDP wrap or FSDP sharding, optimizer
@@ -453,7 +317,7 @@ model.set_activation_checkpointing(activation_checkpointing)
 ddp_model = parallel_wrap(model, parallel, device_type, local_rank, world_size, grad_accum, dtype) if ddp else model
 opt = optim.make_optimizer(model, optimizer, param_dtype, peak_lr, (beta1, beta2), weight_decay, seed, device_type,
                            muon_lr=peak_muon_lr, compile=compile)  # after FSDP's sharding: it steps the shards
-task_model = harness.ModelLM(model, text_tokenizer, block_size, batch_size, device, autocast,
+task_model = downstream.ModelLM(model, text_tokenizer, block_size, batch_size, device, autocast,
                              sharded=ddp and parallel == "fsdp", log=print0) if task_suite else None
 if ckpt:
     run_settings = optim.group_settings(opt)
@@ -474,7 +338,9 @@ if ckpt:
     best, loss_ema = ckpt.get("best"), ckpt.get("loss_ema")
     if restore_data_state:
         for loader in train_loaders:
-            loader.load_state_dict(ckpt["data_states"][loader.rank])
+            notes = loader.load_state_dict(ckpt["data_states"][loader.rank])
+        for note in notes if train_loaders else []:
+            print0(f"resume: {note}")
     if rank < len(ckpt["rng_states"]):  # (after a world size change, the new ranks keep their fresh seed)
         checkpoint.set_rng_state(ckpt["rng_states"][rank], cuda=device_type == "cuda")
     print0(f"resuming from {ckpt_path}: step {step}, {tokens_seen:,} tokens seen")
@@ -513,21 +379,6 @@ def save_checkpoint():
 
 # -----------------------------------------------------------------------------
 # eval helper, LR schedule, logging helpers
-
-
-def count_val_batches():
-    """Validation batches per subset: eval_iters, or fewer where that would read more than the smallest rank's share
-    of the subset's val shard: with many ranks, each would re-read its documents for no new information."""
-    counts = {}
-    for subset in subsets:
-        share = min(PackedLoader(data_dir, "val", block_size, batch_size, rank=r, world_size=world_size, seed=seed,
-                                 subset=subset).tokens_per_epoch() for r in range(world_size))
-        counts[subset] = max(1, min(eval_iters, share // (batch_size * (block_size + 1))))  # a row: block_size + 1
-        if counts[subset] < eval_iters:
-            print0(f"warning: the {subset} val shard holds {share:,} tokens per rank of {world_size}: validation reads "
-                   f"{counts[subset]} batches of {batch_size} x {block_size}, not eval_iters={eval_iters}, so that no "
-                   f"rank reads a val document twice")
-    return counts
 
 
 @torch.no_grad()
@@ -621,13 +472,6 @@ def device_peak_flops():
     return tflops * 1e12, f"{name}: {tflops} TFLOP/s dense bf16 peak"
 
 
-def checksum(tensors):
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def log_record(record):
     """Append one JSON object to out_dir/log.jsonl (and wandb, numbers only); rank 0 only."""
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
@@ -715,10 +559,99 @@ def check_health(loss, first_bad_step, check_weights):
     loss_sum, attended, bad_step, weights_bad = stats.tolist()
     if bad_step or weights_bad:
         what = (f"non-finite loss or gradient norm at step {int(bad_step)} (loss now {loss_sum / world_size})"
-                if bad_step else f"non-finite weights after step {step} (the update at lr {lr_now:.3e} overflowed them)")
+                if bad_step else
+                f"non-finite weights after step {step} (the update at lr {lr_now:.3e} overflowed them)")
         die(f"{what}; stopped without saving. The last good checkpoint is {checkpoint.latest(out_dir) or '(none)'}; "
             f"resume from it with a lower --lr or --grad_clip.")
     return loss_sum / world_size, int(attended)
+
+
+# -----------------------------------------------------------------------------
+# what falls due after a step: a log line, an evaluation, task scores, text samples, a checkpoint
+
+
+def due_after(step, stop, epoch):
+    """The names of what falls due after this step: 'log', 'eval', 'tasks', 'sample', 'save'. At the end of the run
+    and on a stop: a log line and a checkpoint; at the end of the schedule: every evaluation too."""
+    global epoch_seen
+    done = step >= stop_step or tokens_seen >= train_tokens or stop
+    new_epoch, epoch_seen = epoch_seen is not None and epoch > epoch_seen, epoch
+    return {name for name, now in (
+        ("log", step % log_every == 0 or done),
+        ("eval", (eval_interval and step % eval_every == 0) or tokens_seen >= train_tokens),
+        ("tasks", task_suite and ((eval_tasks_interval and step % tasks_every == 0) or tokens_seen >= train_tokens)),
+        ("sample", sample_interval and (step % sample_every == 0 or done)),
+        ("save", done or (save_strategy == "steps" and step % save_every == 0)
+         or (save_strategy == "epoch" and new_epoch)),
+    ) if now}
+
+
+def log_progress(loss, grad_norm, attended, batches):
+    """The step's log line and log.jsonl record (rank 0), then the divergence stop (every rank: loss is the mean over
+    ranks, so they reach the same verdict)."""
+    global loss_ema
+    params = checkpoint.fingerprint(local(p) for p in model.parameters()) if log_checksums else None  # own shards
+    sums = (gather(params), gather(checkpoint.fingerprint(batches))) if log_checksums else None
+    if master:
+        elapsed = time.time() - run_start
+        tokens_per_sec = tokens_per_step * interval_steps / (time.time() - interval_start)
+        # MFU counts the attended part of the scores only, from the batches' real documents
+        attn_fraction = attended / (interval_steps * grad_accum * batch_size * world_size * block_size ** 2)
+        flops_per_token = model.flops_per_token(block_size, attn_fraction)
+        mfu = tokens_per_sec * flops_per_token / (world_size * peak_flops) if peak_flops else None
+        eta = elapsed / steps_this_run * (stop_step - step)
+        record = {"step": step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                  "tokens_per_sec": tokens_per_sec, "mfu": mfu, "attn_fraction": attn_fraction,
+                  "flops_per_token": flops_per_token, "peak_mem_gb": peak_memory_gib(device_type),
+                  "elapsed_s": elapsed, "eta_s": eta}
+        if optimizer == "muon":
+            record["muon_lr"] = peak_muon_lr * multiplier
+        if sums:
+            record["param_checksum"], record["batch_checksum"] = sums
+        log_record(record)
+        mfu_text = f" | mfu {mfu:.1%}" if mfu is not None else ""
+        print(f"step {step}/{stop_step} | loss {loss:.4f} | lr {lr_now:.2e} | norm {grad_norm.item():.3f} | "
+              f"{tokens_per_sec:,.0f} tok/s{mfu_text} | mem {record['peak_mem_gb']:.2f} GB | "
+              f"{fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}", flush=True)
+    if divergence_margin:
+        loss_ema = update_loss_ema(loss_ema, loss)
+        if loss_ema["short"] - loss_ema["long"] > divergence_margin:
+            die(f"the train loss is diverging at step {step}: its short moving average {loss_ema['short']:.4f} "
+                f"(EMA 0.1) is more than divergence_margin={divergence_margin:g} above its long one "
+                f"{loss_ema['long']:.4f} (EMA 0.01). Stopped without saving; the last checkpoint is "
+                f"{checkpoint.latest(out_dir) or '(none)'}: resume from it with a lower --lr (or "
+                f"--divergence_margin=0 to train on).")
+
+
+def evaluate_and_keep_best():
+    """Validation losses logged; True when keep_best makes this step's checkpoint the new best (saved now and kept
+    through rotation). Every rank gets the same all-reduced numbers, so all agree on a new best."""
+    global best
+    losses = evaluate()
+    if master:
+        log_record({"step": step, "tokens": tokens_seen, **losses})
+        print("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
+    mean_val = sum(v for k, v in losses.items() if k.startswith("val_loss/")) / len(subsets)
+    if not keep_best or (best is not None and mean_val >= best["val_loss"]):
+        return False
+    best = {"step": step, "val_loss": mean_val}
+    print0(f"best | mean val loss {mean_val:.4f} at step {step}: kept as {checkpoint.path_for(out_dir, step)}")
+    return True
+
+
+def score_tasks():
+    scores = downstream.score(task_model, task_suite, eval_tasks_limit)  # every rank: each scores its share
+    if master:
+        log_record({"step": step, "tokens": tokens_seen, **scores})
+        print(f"eval_tasks | {downstream.summary(scores, task_suite)}", flush=True)
+
+
+def log_samples():
+    samples = sample_text()
+    if master:
+        log_record({"step": step, "samples": samples})
+        for s in samples:
+            print(f"sample | {s['prompt']!r} | greedy: {s['greedy']!r} | sampled: {s['sampled']!r}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -742,7 +675,8 @@ if master:
         "tokens_per_step": tokens_per_step, "peak_lr": peak_lr, "stop_step": stop_step}})
     if wandb_log:
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=cfg)
-val_batches = [count_val_batches() if master else None]
+val_batches = [count_val_batches(data_dir, subsets, block_size, batch_size, world_size, seed, eval_iters, print0)
+               if master else None]
 if ddp:
     dist.broadcast_object_list(val_batches, src=0)  # with dispatch_batches only rank 0 need read the data
 val_batches = val_batches[0]
@@ -755,6 +689,7 @@ attended_sum = torch.zeros((), dtype=torch.long, device=device)  # attended pair
 # copied (non_blocking) while the current step's kernels run. Loss, health and grad norm are read only at log,
 # eval and save points.
 while step < stop_step and tokens_seen < train_tokens:
+    # ---- one training step: grad_accum micro-steps forward and backward, the gradient clipped, the update ----
     multiplier = lr_multiplier(tokens_seen)
     lr_now = peak_lr * multiplier  # the AdamW (or Adafactor) LR, logged
     for group in opt.param_groups:
@@ -768,72 +703,22 @@ while step < stop_step and tokens_seen < train_tokens:
     opt.zero_grad(set_to_none=True)
     step, tokens_seen, steps_this_run = step + 1, tokens_seen + tokens_per_step, steps_this_run + 1
     interval_steps += 1
-    stop, epoch = agree_to_stop()
-    done = step >= stop_step or tokens_seen >= train_tokens or stop
-    log_now = step % log_every == 0 or done
-    eval_now = (eval_interval and step % eval_every == 0) or tokens_seen >= train_tokens  # and at the schedule's end
-    new_epoch = epoch_seen is not None and epoch > epoch_seen
-    epoch_seen = epoch
-    save_now = done or (save_strategy == "steps" and step % save_every == 0) or (save_strategy == "epoch" and new_epoch)
-    sample_now = sample_interval and (step % sample_every == 0 or done)
-    tasks_now = task_suite and ((eval_tasks_interval and step % tasks_every == 0) or tokens_seen >= train_tokens)
-    if not (log_now or eval_now or save_now or sample_now or tasks_now):
-        continue
-    loss, attended = check_health(loss, first_bad_step, check_weights=save_now)  # stops the run if unhealthy
 
-    if log_now:
-        params = checksum(local(p) for p in model.parameters()) if log_checksums else None  # FSDP: own shards
-        sums = (gather(params), gather(checksum(batches))) if log_checksums else None
-        if master:
-            elapsed = time.time() - run_start
-            tokens_per_sec = tokens_per_step * interval_steps / (time.time() - interval_start)
-            # MFU counts the attended part of the scores only, from the batches' real documents (as bench.py does)
-            attn_fraction = attended / (interval_steps * grad_accum * batch_size * world_size * block_size ** 2)
-            flops_per_token = model.flops_per_token(block_size, attn_fraction)
-            mfu = tokens_per_sec * flops_per_token / (world_size * peak_flops) if peak_flops else None
-            eta = elapsed / steps_this_run * (stop_step - step)
-            record = {"step": step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
-                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "attn_fraction": attn_fraction,
-                      "flops_per_token": flops_per_token, "peak_mem_gb": peak_memory_gib(device_type),
-                      "elapsed_s": elapsed, "eta_s": eta}
-            if optimizer == "muon":
-                record["muon_lr"] = peak_muon_lr * multiplier
-            if sums:
-                record["param_checksum"], record["batch_checksum"] = sums
-            log_record(record)
-            mfu_text = f" | mfu {mfu:.1%}" if mfu is not None else ""
-            print(f"step {step}/{stop_step} | loss {loss:.4f} | lr {lr_now:.2e} | norm {grad_norm.item():.3f} | "
-                  f"{tokens_per_sec:,.0f} tok/s{mfu_text} | mem {record['peak_mem_gb']:.2f} GB | "
-                  f"{fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}", flush=True)
-        if divergence_margin:  # every rank: loss is the mean over ranks, so they reach the same verdict
-            loss_ema = update_loss_ema(loss_ema, loss)
-            if loss_ema["short"] - loss_ema["long"] > divergence_margin:
-                die(f"the train loss is diverging at step {step}: its short moving average {loss_ema['short']:.4f} "
-                    f"(EMA 0.1) is more than divergence_margin={divergence_margin:g} above its long one "
-                    f"{loss_ema['long']:.4f} (EMA 0.01). Stopped without saving; the last checkpoint is "
-                    f"{checkpoint.latest(out_dir) or '(none)'}: resume from it with a lower --lr (or "
-                    f"--divergence_margin=0 to train on).")
-    if eval_now:
-        losses = evaluate()  # the same numbers on every rank (all-reduced), so all agree on a new best
-        if master:
-            log_record({"step": step, "tokens": tokens_seen, **losses})
-            print("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
-        mean_val = sum(v for k, v in losses.items() if k.startswith("val_loss/")) / len(subsets)
-        if keep_best and (best is None or mean_val < best["val_loss"]):
-            best, save_now = {"step": step, "val_loss": mean_val}, True  # saved now, kept through rotation
-            print0(f"best | mean val loss {mean_val:.4f} at step {step}: kept as {checkpoint.path_for(out_dir, step)}")
-    if tasks_now:
-        scores = harness.score(task_model, task_suite, eval_tasks_limit)  # every rank: each scores its share
-        if master:
-            log_record({"step": step, "tokens": tokens_seen, **scores})
-            print(f"eval_tasks | {harness.summary(scores, task_suite)}", flush=True)
-    if sample_now:
-        samples = sample_text()
-        if master:
-            log_record({"step": step, "samples": samples})
-            for s in samples:
-                print(f"sample | {s['prompt']!r} | greedy: {s['greedy']!r} | sampled: {s['sampled']!r}", flush=True)
-    if save_now:
+    # ---- what falls due after it ----
+    stop, epoch = agree_to_stop()
+    due = due_after(step, stop, epoch)
+    if not due:
+        continue
+    loss, attended = check_health(loss, first_bad_step, check_weights="save" in due)  # stops the run if unhealthy
+    if "log" in due:
+        log_progress(loss, grad_norm, attended, batches)
+    if "eval" in due and evaluate_and_keep_best():
+        due.add("save")
+    if "tasks" in due:
+        score_tasks()
+    if "sample" in due:
+        log_samples()
+    if "save" in due:
         save_checkpoint()
     interval_steps, interval_start = 0, time.time()
     attended_sum.zero_()

@@ -1,7 +1,7 @@
 # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json; Allal et al. 2025, arXiv 2502.02737): Llama, 30
 # layers, d576, 9 query / 3 key-value heads (head dim 64), SwiGLU 1536, tied embeddings, RMSNorm eps 1e-5,
-# pretrained on 2048-token sequences, so that a run can be put beside SmolLM2-135M's published scores (README
-# "Benchmarks during training"). The vocabulary is GPT-2's (50,304 padded) rather than SmolLM's 49,152-token one,
+# pretrained on 2048-token sequences, so that a run can be put beside SmolLM2-135M's published scores
+# (docs/reference.md, "Benchmarks during training"). The vocabulary is GPT-2's (50,304 padded) rather than SmolLM's 49,152-token one,
 # so the model has 135.2M parameters instead of 134.5M. rope_theta 10000 is the 2048-token pretraining base (the
 # published config's 100000 goes with its 8192-token extension).
 # The optimizer settings SmolLM2 published where they apply: AdamW (0.9, 0.95), weight decay 0.01, gradient clip

@@ -1,4 +1,4 @@
-"""checkpoint.py: checksums verified on load, clear errors for missing and damaged files; durable.py's renames."""
+"""checkpoint.py: checksums verified on load, clear errors for missing and damaged files; atomic_write.py's renames."""
 import os
 import sys
 from pathlib import Path

@@ -64,15 +64,16 @@ def test_errors_in_config_files(tmp_path):
     assert f"config file {broken} failed to run: ZeroDivisionError" in message(e)
 
 
-def test_readme_lists_exactly_train_py_keys_with_their_defaults():
-    """README's "Every key" table and train.py's defaults block (read by configurator.script_keys, as bench.py reads
-    it) name the same keys, with the same defaults."""
+def test_readme_lists_exactly_the_keys_of_settings_py_with_their_defaults():
+    """README's "Every key" table and settings.DEFAULTS (which train.py, tools/bench.py and the tests read) name the
+    same keys, with the same defaults."""
     import ast
-    from configurator import script_keys
-    defaults, choices = script_keys(os.path.join(ROOT, "train.py"))
+
+    import settings
+    defaults, choices = settings.DEFAULTS, settings.CHOICES
     assert {"out_dir", "lr", "eval_tasks", "seed"} <= set(defaults) and "optimizer" in choices
     readme = open(os.path.join(ROOT, "README.md")).read()
-    table = readme.split("Every key (the defaults block at the top of train.py):", 1)[1].split("\n\n", 2)[1]
+    table = readme.split("Every key (settings.py):", 1)[1].split("\n\n", 2)[1]
     listed = {}
     for row in table.splitlines()[2:]:
         key, default = (cell.strip().strip("`") for cell in row.split(" | ")[:2])

@@ -557,6 +557,57 @@ def test_subsets_are_drawn_in_proportion_and_run_out_together(prepared_data):
     assert picks.count(0) == totals[0] and picks.count(1) == totals[1]
 
 
+def test_mixture_weights_drive_the_shares_and_a_weighted_subset_that_runs_out_starts_again(prepared_data):
+    """mixture='cosmopedia-v2:0.2,fineweb-edu-dedup:0.8' against the data's own proportions (about 1.9 : 1): over 4,000
+    documents each subset's share is its weight within 4 standard errors; fineweb-edu-dedup, the smaller one drawn more,
+    runs out and starts epochs of its own while cosmopedia-v2 goes on, and `epoch` counts the passes both completed."""
+    loader = PackedLoader(prepared_data, block_size=32, batch_size=2, seed=11,
+                          mixture="cosmopedia-v2:0.2,fineweb-edu-dedup:0.8")
+    picks = [loader.draw_document()[0] for _ in range(4000)]
+    share = picks.count(1) / len(picks)
+    assert abs(share - 0.8) < 4 * (0.8 * 0.2 / len(picks)) ** 0.5, share
+    fineweb_passes = 4000 * 0.8 / loader.docs_per_epoch[1]
+    assert loader.epochs[1] >= int(fineweb_passes) - 1 >= 15 and loader.epochs[0] < loader.epochs[1]
+    assert loader.epoch == loader.epochs[0]
+    # one subset only: the other is never drawn, and a weight of 0 counts as absent
+    only = PackedLoader(prepared_data, block_size=32, batch_size=2, mixture="fineweb-edu-dedup:1,cosmopedia-v2:0")
+    assert {only.draw_document()[0] for _ in range(300)} == {1} and only.epoch >= 1
+    for text, words in (("cosmo:1", "no subset 'cosmo'"), ("cosmopedia-v2:-1", "weight >= 0"),
+                        ("cosmopedia-v2", "'subset:weight'"), ("cosmopedia-v2:0", "every weight is 0")):
+        with pytest.raises(DataError, match=words):
+            PackedLoader(prepared_data, block_size=32, batch_size=2, mixture=text)
+
+
+def test_mixture_resumes_exactly_and_a_changed_mixture_applies_from_the_resume(prepared_data):
+    mixture = "cosmopedia-v2:1,fineweb-edu-dedup:3"
+    a = PackedLoader(prepared_data, block_size=48, batch_size=3, rank=1, world_size=2, seed=5, mixture=mixture)
+    for _ in range(60):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = PackedLoader(prepared_data, block_size=48, batch_size=3, rank=1, world_size=2, seed=5, mixture=mixture)
+    assert b.load_state_dict(state) == []
+    for _ in range(300):  # across several epochs of the weighted subsets
+        for ta, tb in zip(a.next_batch(), b.next_batch()):
+            assert torch.equal(ta, tb)
+    assert a.epochs == b.epochs and a.epochs[1] >= 2
+    # another mixture on resume: said, and applied from there (each subset goes on from its place)
+    c = PackedLoader(prepared_data, block_size=48, batch_size=3, rank=1, world_size=2, seed=5,
+                     mixture="fineweb-edu-dedup:1")
+    notes = c.load_state_dict(state)
+    assert len(notes) == 1 and "mixture changed from cosmopedia-v2 0.25, fineweb-edu-dedup 0.75 to" in notes[0]
+    assert {c.draw_document()[0] for _ in range(200)} == {1}
+    # a state from before mixtures (no 'epochs', no 'mixture') resumes the proportional stream exactly
+    d = PackedLoader(prepared_data, block_size=48, batch_size=3, seed=5)
+    for _ in range(30):
+        d.next_batch()
+    old = {k: v for k, v in d.state_dict().items() if k not in ("epochs", "mixture")}
+    e = PackedLoader(prepared_data, block_size=48, batch_size=3, seed=5)
+    assert e.load_state_dict(old) == []
+    for _ in range(200):
+        for td, te in zip(d.next_batch(), e.next_batch()):
+            assert torch.equal(td, te)
+
+
 def test_doc_ids_follow_document_boundaries(prepared_data):
     loader = PackedLoader(prepared_data, block_size=256, batch_size=4)
     documents = set(all_documents(prepared_data, "cosmopedia-v2") + all_documents(prepared_data, "fineweb-edu-dedup"))

@@ -38,7 +38,9 @@ PARAGRAPHS = [
 
 
 def run(script, *args, env=None, timeout=180):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+    """Run a core script (train.py, ...) or a tool as a module (tools.bench, ...) from the repository's root."""
+    command = [sys.executable, script] if script.endswith(".py") else [sys.executable, "-m", script]
+    return subprocess.run([*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -57,7 +59,7 @@ def runs(prepared_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(runs, tmp_path_factory):
     """family -> transformers folder, written by export.export (which checks its own logits, check=True)."""
-    import export
+    from tools import export
     folders = {}
     for family, out_dir in runs.items():
         to = tmp_path_factory.mktemp("hf") / family
@@ -153,21 +155,21 @@ def test_tokenizer_matches_tiktoken(exported):
     assert tok.eos_token_id == tok.bos_token_id == EOT and len(tok) == 50257
     assert tok("a<|endoftext|>b")["input_ids"] == enc.encode("a<|endoftext|>b", allowed_special="all")
     # the published GPT-2 files, byte for byte: merges.txt is vocab.bpe and vocab.json is encoder.json
-    import export
+    from tools import export
     vocab, merges = export.gpt2_vocab_and_merges()
     assert len(merges) == 50000 and merges[0] == "Ġ t" and vocab["Ġthe"] == 262 and vocab["!"] == 0
 
 
 def test_export_command_and_refusals(runs, tmp_path):
-    proc = run("export.py", f"--out_dir={runs['llama']}", f"--to={tmp_path / 'cli'}")
+    proc = run("tools.export", f"--out_dir={runs['llama']}", f"--to={tmp_path / 'cli'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "as LlamaForCausalLM" in proc.stdout and "checked: transformers' fp32 logits match" in proc.stdout
     assert "lm_eval --model hf --model_args pretrained=" in proc.stdout
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "cli"))
-    proc = run("export.py", f"--out_dir={tmp_path / 'nothing'}", f"--to={tmp_path / 'a'}")
+    proc = run("tools.export", f"--out_dir={tmp_path / 'nothing'}", f"--to={tmp_path / 'a'}")
     assert proc.returncode == 1 and "export.py: no checkpoint (ckpt-*.pt) in" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    import export  # the other refusals in-process: each is the same SystemExit with one message
+    from tools import export  # the other refusals in-process: each is the same SystemExit with one message
     for kwargs, message in [
         ({"out_dir": str(runs["deepone"]), "to": str(tmp_path / "b"), "target": "transformers"},
          "deepone's post-norm DeepNet layers (x = norm(alpha x + f(x)), ReLU-GLU) have no transformers class"),
@@ -196,8 +198,8 @@ def test_lm_eval_harness_scores_every_document(runs, exported, tmp_path):
             {"question": "Water flows down the", "choices": ["mountain", "book", "number"], "answer": 0},
             {"question": "A student reads a", "choices": ["book", "carbon"], "answer": 0}]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    import harness
-    harness.write_task(tmp_path, "smoltrain_tiny_mc", tmp_path / "docs.jsonl", "multiple_choice", "{{question}}",
+    import downstream
+    downstream.write_task(tmp_path, "smoltrain_tiny_mc", tmp_path / "docs.jsonl", "multiple_choice", "{{question}}",
                        "{{answer}}", "{{choices}}", metrics=("acc",))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     proc = subprocess.run(
@@ -254,12 +256,12 @@ def test_plot_writes_a_png_of_the_expected_size(runs, tmp_path):
                                     "val_loss/fineweb-edu-dedup": 10.2 - step * 0.08}) + "\n")
         f.write('{"step": 41, "loss": 5.')  # cut short by a crash
     png = tmp_path / "curves.png"
-    proc = run("plot.py", runs["deepone"], old, "--out", png)
+    proc = run("tools.plot", runs["deepone"], old, "--out", png)
     assert proc.returncode == 0, proc.stderr
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (1200, 450)
         colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 24)}
     near = lambda c: any(sum(abs(a - b) for a, b in zip(c, p)) < 12 for p in colours)  # noqa: E731
     assert near((31, 119, 180)) and near((255, 127, 14))  # matplotlib's first two colours: both runs are drawn
-    proc = run("plot.py", tmp_path / "missing")
+    proc = run("tools.plot", tmp_path / "missing")
     assert proc.returncode != 0 and "no log at" in proc.stderr and "Traceback" not in proc.stderr

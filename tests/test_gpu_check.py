@@ -1,4 +1,4 @@
-"""gpu_check.py, the one command a lent GPU runs: on a CPU its dry run resolves every step (each config, key and
+"""tools/gpu_check.py, the one command a lent GPU runs: on a CPU its dry run resolves every step (each config, key and
 path, by the step's own --dry_run or --collect-only), writes the report, and goes on past a failing step."""
 import json
 import subprocess
@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-import gpu_check
+from tools import gpu_check
 from conftest import ROOT
 
 
 def test_dry_run_resolves_every_step_and_writes_the_report(tmp_path, prepared_data):
-    proc = subprocess.run([sys.executable, "gpu_check.py", "--dry_run", f"--data_dir={prepared_data}",
+    proc = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--dry_run", f"--data_dir={prepared_data}",
                            f"--out={tmp_path / 'report'}", f"--work={tmp_path / 'work'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -19,7 +19,7 @@ def test_dry_run_resolves_every_step_and_writes_the_report(tmp_path, prepared_da
     names = [s[0] for s in gpu_check.steps(prepared_data, tmp_path / "work")]
     assert [r["step"] for r in report["steps"]] == names and all(r["ok"] for r in report["steps"])
     assert "dry run" in report["header"]
-    bench_steps = [r for r in report["steps"] if r["command"].startswith("bench.py")]
+    bench_steps = [r for r in report["steps"] if r["command"].startswith("python -m tools.bench")]
     assert len(bench_steps) >= 8 and all(r["records"] and r["records"][0]["dry_run"] for r in bench_steps)
     tests = next(r for r in report["steps"] if r["step"] == "tests")
     assert "12/" in tests["tail"] or "collected" in tests["tail"]
@@ -29,7 +29,7 @@ def test_dry_run_resolves_every_step_and_writes_the_report(tmp_path, prepared_da
 
 
 def test_a_failing_step_is_reported_and_the_check_goes_on(tmp_path, prepared_data, monkeypatch):
-    good = [sys.executable, "bench.py", "--json=True", "config/smoke.py"]
+    good = [sys.executable, "-m", "tools.bench", "--json=True", "config/smoke.py"]
     monkeypatch.setattr(gpu_check, "steps", lambda data_dir, work: [
         ("typo", [*good, "--n_layerz=2"], 60, None), ("fine", good, 60, None)])
     with pytest.raises(SystemExit) as stop:
@@ -42,7 +42,7 @@ def test_a_failing_step_is_reported_and_the_check_goes_on(tmp_path, prepared_dat
 
 def test_gpu_check_argument_errors(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "gpu_check.py", *args], cwd=ROOT, capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "tools.gpu_check", *args], cwd=ROOT, capture_output=True, text=True)
     proc = run("--dry_run", "--only=nosuch", f"--data_dir={tmp_path}")
     assert proc.returncode == 2 and "no step named nosuch" in proc.stderr and "backends" in proc.stderr
     proc = run("--dry_run", f"--data_dir={tmp_path / 'missing'}")

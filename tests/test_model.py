@@ -23,7 +23,7 @@ from conftest import cuda_only  # noqa: E402
 from data import cu_seqlens_of  # noqa: E402
 from model import (ModelConfig, Transformer, LinearCrossEntropy, deepnet_constants, doc_cu_seqlens,  # noqa: E402
                    doc_causal_block_mask)
-from runtime import gpu_peak_tflops  # noqa: E402
+from machine import gpu_peak_tflops  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

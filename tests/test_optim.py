@@ -7,7 +7,6 @@ import subprocess
 import sys
 from collections import Counter
 
-import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import optim
-import runtime
+import machine
 from data import PackedLoader, read_meta
 from model import ModelConfig, Transformer
 from test_train import TINY, records, train
@@ -77,7 +77,7 @@ def test_one_muon_step_equals_the_reference_and_torch_muon():
     w.grad = grads[0].clone()
     warm.step()
     # by default in the dtype whose matmuls this machine runs natively: bf16 with AMX or AVX512-BF16, else fp32
-    native = getattr(torch, runtime.default_dtype("cpu"))
+    native = getattr(torch, machine.default_dtype("cpu"))
     want, _ = reference_muon_step(w0, grads[0], torch.zeros_like(w0), 0.02, 0.85 + 0.1 / 300, native)
     torch.testing.assert_close(w.detach(), want, rtol=0, atol=2e-3 if native == torch.bfloat16 else 1e-5)
     with pytest.raises(ValueError, match="2-D matrices"):

@@ -379,10 +379,10 @@ def test_bf16_weights_resume_exactly_and_weights_only_loading(prepared_data, tmp
 @pytest.mark.parametrize("param_dtype, optimizer, total", [("float32", "adamw", 16), ("bfloat16", "adamw", 8),
                                                            ("float32", "adafactor", 8), ("bfloat16", "adafactor", 4)])
 def test_bytes_per_parameter_counted_from_tensors(param_dtype, optimizer, total):
-    import memory
+    from tools import memory_estimate
     cfg = dict(family="llama", n_head=4, n_kv_head=2, tie_embeddings=True, qk_norm=False, param_dtype=param_dtype,
                optimizer=optimizer, dtype="float32" if param_dtype == "float32" else "bfloat16")
-    per_param = memory.bytes_per_param(cfg)  # after a real step: the optimizer state exists
+    per_param = memory_estimate.bytes_per_param(cfg)  # after a real step: the optimizer state exists
     assert per_param["weights"] == per_param["grads"] == (4 if param_dtype == "float32" else 2)
     # Adafactor's factored rows and columns, and the step counters, are a small extra on this tiny model
     assert total <= sum(per_param.values()) <= total + (0.6 if optimizer == "adafactor" else 0.01), per_param
@@ -390,7 +390,7 @@ def test_bytes_per_parameter_counted_from_tensors(param_dtype, optimizer, total)
 
 def test_bench_memory_on_smoke():
     def bench(*args):
-        proc = subprocess.run([sys.executable, "bench.py", "config/smoke.py", "--what=memory", "--device=cpu",
+        proc = subprocess.run([sys.executable, "-m", "tools.bench", "config/smoke.py", "--what=memory", "--device=cpu",
                                "--optimizer=adamw", *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -404,23 +404,23 @@ def test_bench_memory_on_smoke():
     record = json.loads(bench("--param_dtype=bfloat16", "--gpu_gb=1.2", "--json=True")[-1])
     assert record["weights_B_per_param"] == 2.0 and record["optim_B_per_param"] == 4.0
     assert record["predicted_peak_GB"] > 0.2 and record["verdict"].startswith("does not fit: predicted peak")
-    # a bad checkpointing value is one clear error, as in train.py (one parser: model.checkpoint_every)
-    proc = subprocess.run([sys.executable, "bench.py", "config/smoke.py", "--what=memory", "--device=cpu",
+    # a bad checkpointing value is one clear error, as in train.py (one parser: model.recompute_interval)
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "config/smoke.py", "--what=memory", "--device=cpu",
                            "--activation_checkpointing=0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "bench.py: activation_checkpointing=0: use 'none', 'all' or an int k >= 1" in proc.stderr
 
 
 def test_compiled_blocks_are_predicted_from_what_their_graphs_save(monkeypatch, capsys):
-    """With compile=True (train.py's default) memory.py measures the compiled Block: inductor's graph saves fewer
+    """With compile=True (train.py's default) tools/memory_estimate.py measures the compiled Block: inductor's graph saves fewer
     bytes per token than eager autograd (the H100 peaks measured with compile were 1-11% below the compiled
     predictions, 35-66% below the eager ones). The fixed part (the bf16 copies of the weights) and the head + loss,
     measured eagerly either way, stay the same."""
-    import memory
+    from tools import memory_estimate
     cfg = dict(family="deepone", n_layer=2, n_head=2, n_kv_head=2, d_model=64, d_ff=192, vocab_size=50304,
                block_size=256, param_dtype="float32")
-    eager = memory.activation_bytes(cfg, "bfloat16")
-    compiled = memory.activation_bytes({**cfg, "compile": True}, "bfloat16")
+    eager = memory_estimate.activation_bytes(cfg, "bfloat16")
+    compiled = memory_estimate.activation_bytes({**cfg, "compile": True}, "bfloat16")
     fixed, per_token, x_bytes, head_fixed, head_per_token = compiled
     assert 0 < per_token < 0.85 * eager[1], (compiled, eager)
     assert (fixed, x_bytes, head_fixed, head_per_token) == (eager[0], eager[2], eager[3], eager[4])
@@ -428,20 +428,20 @@ def test_compiled_blocks_are_predicted_from_what_their_graphs_save(monkeypatch, 
     with monkeypatch.context() as patch:
         patch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
         patch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cached graph would need no compiler
-        assert memory.activation_bytes({**cfg, "d_model": 48, "compile": True}, "bfloat16") == \
-            memory.activation_bytes({**cfg, "d_model": 48}, "bfloat16")
+        assert memory_estimate.activation_bytes({**cfg, "d_model": 48, "compile": True}, "bfloat16") == \
+            memory_estimate.activation_bytes({**cfg, "d_model": 48}, "bfloat16")
     assert "cannot compile the Block on this machine's CPU" in capsys.readouterr().err
 
 
 def test_1b7_preset_is_about_1_7b_and_predicted_to_fit_24_gb_under_ddp():
     import runpy
 
-    import memory
-    from configurator import script_keys
-    cfg = {**script_keys(ROOT / "train.py")[0], **runpy.run_path(str(ROOT / "config" / "deepone_1b7.py"))}
+    from tools import memory_estimate
+    import settings
+    cfg = {**settings.DEFAULTS, **runpy.run_path(str(ROOT / "config" / "deepone_1b7.py"))}
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_dict(cfg, attn_impl="sdpa"))
     assert cfg["family"] == "deepone" and model.config.head_dim in (64, 128)
     assert 1.6e9 <= model.num_params() <= 1.8e9
-    prediction = memory.predict({**cfg, "dtype": "bfloat16"}, ranks=1)
+    prediction = memory_estimate.predict({**cfg, "dtype": "bfloat16"}, ranks=1)
     assert cfg["parallel"] == "ddp" and prediction["predicted_peak_GB"] <= 24 - 1, prediction

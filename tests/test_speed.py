@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
+from tools import bench
 import model as model_module
 from conftest import ROOT, cuda_only
 from data import PackedLoader, cu_seqlens_of
@@ -77,7 +77,9 @@ def test_flash_attention_2_backend_plumbing_with_a_reference_kernel(monkeypatch)
 
 
 def run(script, *args, timeout=120):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+    """Run a core script (train.py, ...) or a tool as a module (tools.bench, ...) from the repository's root."""
+    command = [sys.executable, script] if script.endswith(".py") else [sys.executable, "-m", script]
+    return subprocess.run([*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -90,7 +92,7 @@ def test_train_and_bench_count_the_same_flops_for_the_same_batch(prepared_data, 
                "--warmup_tokens=128")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     logged = next(r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if r["step"] == 1)
-    proc = run("bench.py", *TINY, f"--block_size={T}", f"--data_dir={prepared_data}", "--device=cpu", "--batch=data",
+    proc = run("tools.bench", *TINY, f"--block_size={T}", f"--data_dir={prepared_data}", "--device=cpu", "--batch=data",
                "--steps=1", "--warmup=0", "--json=True")
     assert proc.returncode == 0, proc.stderr[-2000:]
     bench = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -105,7 +107,7 @@ def test_train_and_bench_count_the_same_flops_for_the_same_batch(prepared_data, 
 
 
 def test_bench_profile_reports_where_the_step_goes():
-    proc = run("bench.py", *TINY[:-1], "--vocab_size=50304", "--device=cpu", "--what=profile", "--steps=2",
+    proc = run("tools.bench", *TINY[:-1], "--vocab_size=50304", "--device=cpu", "--what=profile", "--steps=2",
                "--warmup=1", "--json=True")
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -115,7 +117,7 @@ def test_bench_profile_reports_where_the_step_goes():
     assert shares["head+loss"] > shares["attention"]  # a 50304-class head on a d32 model dominates
     assert record["time"].startswith("CPU") and record["step_ms"] > 0
     assert record["kernels_per_step"] > 100 and 0 <= record["gaps_pct"] < 100  # ops per step, on a CPU
-    assert "ops per step" in run("bench.py", *TINY[:-1], "--vocab_size=50304", "--device=cpu", "--what=profile",
+    assert "ops per step" in run("tools.bench", *TINY[:-1], "--vocab_size=50304", "--device=cpu", "--what=profile",
                                  "--steps=1", "--warmup=1").stdout
     # the device's busy time: overlapping kernels (two streams) count once, the idle stretch between them not at all
     assert bench.busy_and_span([(10, 12), (11, 13), (15, 16), (12, 12.5)]) == (4, 6)
@@ -162,11 +164,11 @@ def test_bench_names_bad_configs_and_runs_small_vocabularies(prepared_data):
     for args, fragments in [(["--n_head=7"], ["bad model config", "d_model=768", "n_head=7"]),
                             (["--batch=data", f"--data_dir={prepared_data}", "--vocab_size=256"],
                              ["vocab_size=256", "tokenizer"])]:
-        proc = run("bench.py", "--device=cpu", *args)
+        proc = run("tools.bench", "--device=cpu", *args)
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0 and "Traceback" not in out, out[-2000:]
         assert all(f in out for f in fragments), out
-    proc = run("bench.py", *TINY, "--device=cpu", "--vocab_size=256", "--steps=1", "--warmup=0", "--json=True")
+    proc = run("tools.bench", *TINY, "--device=cpu", "--vocab_size=256", "--steps=1", "--warmup=0", "--json=True")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"] > 0
 
@@ -178,11 +180,11 @@ def test_bench_doc_len_0_is_plain_causal_rows():
     assert doc_ids is None and cu_seqlens[:3].tolist() == [0, 64, 128] and set(cu_seqlens[2:].tolist()) == {128}
     _, _, doc_ids, _ = bench.synthetic_batch({**cfg, "doc_len": 16}, "cpu")
     assert doc_ids.max() > 0  # packed documents otherwise
-    proc = run("bench.py", *TINY, "--device=cpu", "--vocab_size=256", "--steps=1", "--warmup=0", "--json=True",
+    proc = run("tools.bench", *TINY, "--device=cpu", "--vocab_size=256", "--steps=1", "--warmup=0", "--json=True",
                "--doc_len=0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["attn_fraction"] == round(65 / 128, 4)
-    proc = run("bench.py", "--device=cpu", "--doc_len=-1")
+    proc = run("tools.bench", "--device=cpu", "--doc_len=-1")
     assert proc.returncode != 0 and "doc_len=-1 must be >= 0" in proc.stdout + proc.stderr
 
 

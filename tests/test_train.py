@@ -33,8 +33,9 @@ BASE2 = TINY + ["--batch_size=2", "--grad_accum=2", "--train_tokens=4096", "--wa
 
 
 def command(ranks, script="train.py"):
+    """train.py (or another core script, or a tool's module such as tools.export) as a command line."""
     if ranks is None:
-        return [sys.executable, script]
+        return [sys.executable, script] if script.endswith(".py") else [sys.executable, "-m", script]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", script]
 
 
@@ -327,7 +328,7 @@ def test_overflowed_weights_are_never_saved_and_infinite_lr_is_refused(prepared_
 
 
 def test_logged_peak_memory_is_in_gib(prepared_data, tmp_path):
-    """peak_mem_gb on the CPU is the process's peak RSS in GiB (2^30 bytes, bench.py's and memory.py's unit): at
+    """peak_mem_gb on the CPU is the process's peak RSS in GiB (2^30 bytes, tools/bench.py's and tools/memory_estimate.py's unit): at
     most the peak the kernel reports for the whole process when it exits, and close to it."""
     # batch 16 x 64: the head's logits make the training steps the process's peak, not the save that follows
     args = TINY + ["--batch_size=16", "--train_tokens=2048", "--eval_interval=0", "--save_strategy=no"]
@@ -422,9 +423,16 @@ def test_config_errors_and_dry_run(prepared_data, tmp_path):
     for line in ("  grad_accum = 2", "  lr = 0.003", "parameters", "world size 1 on cpu",
                  "tokens per step: 2 seqs x 64 tokens x grad_accum 2 x 1 ranks = 256",
                  "lr: 0.003 x sqrt(4) = 6.000e-03 peak", "muon_lr: 0.007 x sqrt(4) = 1.400e-02 peak",
-                 "constant, then a linear decay over the last 50% to 4,096 tokens = 16 steps"):
+                 "constant, then a linear decay over the last 50% to 4,096 tokens = 16 steps",
+                 "train documents drawn in proportion to the documents left"):
         assert line in proc.stdout, f"{line!r} not in\n{proc.stdout}"
     assert not (tmp_path / "dry").exists()  # a dry run writes nothing
+    # the mixture is checked against the prepared subsets before anything runs, and shown in the plan
+    proc = run([f"--data_dir={prepared_data}", *BASE2, "--dry_run=True", "--mixture=fineweb-edu-dedup:3,cosmopedia:1"])
+    assert_one_clear_error(proc, "mixture='fineweb-edu-dedup:3,cosmopedia:1': no subset 'cosmopedia'",
+                           "it has: cosmopedia-v2, fineweb-edu-dedup")
+    proc = run([f"--data_dir={prepared_data}", *BASE2, "--dry_run=True", "--mixture=fineweb-edu-dedup:3,cosmopedia-v2:1"])
+    assert "train documents drawn cosmopedia-v2 0.25, fineweb-edu-dedup 0.75" in proc.stdout, proc.stdout
 
 
 def test_sample_prints_text(base2):
@@ -470,7 +478,7 @@ def test_sample_and_export_name_a_checkpoint_this_model_py_cannot_hold(base2, pr
     for name, bad, fragments in [("unknown", unknown, ["model settings this model.py does not know (n_expert)"]),
                                  ("renamed", renamed, ["does not fit this model.py", "ffn.up"])]:
         path = checkpoint.save(bad, str(tmp_path / name), 8, keep_last=1)
-        for script, args in [("sample.py", ["--device=cpu"]), ("export.py", [f"--to={tmp_path / 'hf'}"])]:
+        for script, args in [("sample.py", ["--device=cpu"]), ("tools.export", [f"--to={tmp_path / 'hf'}"])]:
             proc = run([f"--ckpt_path={path}", *args], script=script)
             assert_one_clear_error(proc, str(path), *fragments)
     # train.py resuming from it: the same one line

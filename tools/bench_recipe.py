@@ -2,8 +2,8 @@
 Compare training recipes at equal tokens: train.py runs of one shape on prepared data, same seed and so the same
 initial weights and batches, one run per recipe and seed; prints validation loss and bits per byte side by side.
 
-    python bench_recipe.py --data_dir=data/standin                              # the four recipes, seeds 1337 and 1338
-    python bench_recipe.py --data_dir=data/standin --recipes=adamw-cosine,muon-wsd --seeds=1337 -- --n_layer=8 --d_model=512
+    python -m tools.bench_recipe --data_dir=data/standin                              # the four recipes, seeds 1337 and 1338
+    python -m tools.bench_recipe --data_dir=data/standin --recipes=adamw-cosine,muon-wsd --seeds=1337 -- --n_layer=8 --d_model=512
 
 Recipes (the names say optimizer and schedule, so the two effects can be told apart):
     adamw-cosine   AdamW, warmup then cosine to 0.1 x lr          (smoltrain's recipe before Muon)
@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py
 SHAPE = ["--family=deepone", "--n_layer=4", "--n_head=4", "--d_model=256", "--block_size=256", "--batch_size=8",
          "--train_tokens=614400", "--warmup_tokens=40960", "--eval_interval=25", "--eval_iters=8",
          "--log_interval=25", "--save_interval=100000", "--compile=False", "--dtype=float32"]
@@ -32,7 +32,7 @@ ADAMW_LR = 2e-3 / math.sqrt(8)  # AdamW 2e-3 at a batch of 8 sequences (train.py
 ADAMW = ["--beta1=0.9", "--weight_decay=0.1"]  # the AdamW recipe as it was, pinned against train.py's defaults
 MUON_LR = 0.02 / math.sqrt(8)  # Muon 0.02 at a batch of 8, Jordan's and nanochat's
 # Under Muon, AdamW trains only the embedding, the head and the gains: nanochat's settings for them (beta1 0.8, no
-# weight decay) at 3 x AdamW's LR measured best (README "Recipe": -0.017 bpb over two seeds against 0.9, 0.1, 1 x).
+# weight decay) at 3 x AdamW's LR measured best (dev/LOG.md "Recipe": -0.017 bpb over two seeds against 0.9, 0.1, 1 x).
 ADAMW_UNDER_MUON_LR = 3 * ADAMW_LR
 ADAMW_UNDER_MUON = ["--beta1=0.8", "--weight_decay=0.0", f"--lr={ADAMW_UNDER_MUON_LR}", f"--muon_lr={MUON_LR}"]
 RECIPES = {

@@ -1,18 +1,18 @@
 """Measure smoltrain: train-step throughput, MFU and peak memory; the data loader; prepare.py.
 
-    python bench.py config/deepone.py                          # one train step config: tokens/s, MFU, peak memory
-    python bench.py config/smoke.py --attn_impl=all            # every attention backend available here
-    python bench.py config/deepone.py --lean_loss=all          # chunked head+loss vs plain full-logits loss
-    python bench.py config/deepone.py --what=loader            # PackedLoader tokens/s and its share of a step
-    python bench.py config/deepone.py --what=profile           # where a step's time goes: top kernels, shares
-    python bench.py config/deepone.py --grad_accum=8           # a step of 8 micro-steps and one optimizer step
-    python bench.py config/smoke.py --batch=data               # train.py's first real batch, not a synthetic one
-    python bench.py --what=prepare --source=DIR                # prepare.py tokens/s vs the tokenizer's own rate
-    python bench.py config/deepone.py --what=tasks             # eval_tasks' cost per example (HellaSwag-shaped)
-    python bench.py config/deepone.py --what=tasks --eval_tasks=hellaswag --eval_tasks_limit=500   # a real task
-    python bench.py config/smoke.py --json=True                # one JSON object per measurement, for machines
-    python bench.py config/deepone_1b7.py --memory_limit_gb=24 # as if the GPU had 24 GiB
-    python bench.py config/deepone.py --dry_run=True           # resolve the config and the measurements, run nothing
+    python -m tools.bench config/deepone.py                          # one train step config: tokens/s, MFU, peak memory
+    python -m tools.bench config/smoke.py --attn_impl=all            # every attention backend available here
+    python -m tools.bench config/deepone.py --lean_loss=all          # chunked head+loss vs plain full-logits loss
+    python -m tools.bench config/deepone.py --what=loader            # PackedLoader tokens/s and its share of a step
+    python -m tools.bench config/deepone.py --what=profile           # where a step's time goes: top kernels, shares
+    python -m tools.bench config/deepone.py --grad_accum=8           # a step of 8 micro-steps and one optimizer step
+    python -m tools.bench config/smoke.py --batch=data               # train.py's first real batch, not a synthetic one
+    python -m tools.bench --what=prepare --source=DIR                # prepare.py tokens/s vs the tokenizer's own rate
+    python -m tools.bench config/deepone.py --what=tasks             # eval_tasks' cost per example (HellaSwag-shaped)
+    python -m tools.bench config/deepone.py --what=tasks --eval_tasks=hellaswag --eval_tasks_limit=500   # a real task
+    python -m tools.bench config/smoke.py --json=True                # one JSON object per measurement, for machines
+    python -m tools.bench config/deepone_1b7.py --memory_limit_gb=24 # as if the GPU had 24 GiB
+    python -m tools.bench config/deepone.py --dry_run=True           # resolve the config and the measurements, run nothing
 
 Takes the same config files and --key=value overrides as train.py (every train.py key is accepted; the ones
 that don't affect a step are ignored), plus the bench keys below. Each measurement of a sweep ('all') runs in a
@@ -29,14 +29,15 @@ from pathlib import Path
 
 import torch
 
-import memory
 import optim
-from configurator import configure, script_keys
+import settings
+from configurator import configure
 from data import cu_seqlens_of
-from model import ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, checkpoint_every, varlen_kernel
-from runtime import default_attn_impl, gpu_peak_tflops, resolve
+from model import ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, recompute_interval, varlen_kernel
+from machine import default_attn_impl, gpu_peak_tflops, peak_memory_gib, resolve
+from tools import memory_estimate
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the core and config/
 BENCH_DEFAULTS = {
     "what": "train",     # 'train' | 'loader' | 'prepare' | 'profile' | 'memory' | 'tasks'
     "steps": 5,          # timed steps (after warmup)
@@ -57,7 +58,7 @@ BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile", "memory", "ta
 
 
 def resolve_device_dtype(cfg):
-    """cfg's device and compute dtype, 'auto' resolved as train.py resolves it (runtime.resolve); the attention
+    """cfg's device and compute dtype, 'auto' resolved as train.py resolves it (machine.resolve); the attention
     backend is checked per measurement (attn_impl may be 'all')."""
     device, dtype, _, _ = resolve(cfg["device"], cfg["dtype"], cfg["param_dtype"])
     return device, dtype
@@ -90,9 +91,11 @@ def synthetic_batch(cfg, device):
 
 def data_batch(cfg, device):
     """The first batch train.py reads from data_dir on rank 0 of one (same loader, same seed): real documents."""
-    from data import PackedLoader, vocab_problem
-    if problem := vocab_problem(cfg["data_dir"], cfg["vocab_size"]):
-        raise SystemExit(f"bench.py: {problem}")
+    from data import DataError, PackedLoader, check_vocab
+    try:
+        check_vocab(cfg["data_dir"], cfg["vocab_size"])
+    except DataError as e:
+        raise SystemExit(f"bench.py: {e}") from None
     loader = PackedLoader(cfg["data_dir"], "train", cfg["block_size"], cfg["batch_size"], seed=cfg["seed"])
     return tuple(t.to(device) for t in loader.next_batch())
 
@@ -176,7 +179,7 @@ def bench_train(cfg):
             "params_M": round(model.num_params() / 1e6, 2), "batch": batch_text(cfg),
             "step_ms": round(seconds * 1e3, 1), "tokens_per_s": round(tokens / seconds),
             "tflops": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
-            "peak_mem_GB": round(memory.peak_memory_gib(device), 2), "attn_fraction": round(frac, 4),
+            "peak_mem_GB": round(peak_memory_gib(device), 2), "attn_fraction": round(frac, 4),
             "flops_per_token": round(flops_per_token)}
 
 
@@ -298,8 +301,9 @@ def bench_prepare(cfg):
     if not cfg["source"] or not Path(cfg["source"]).is_dir():
         raise SystemExit(f"bench.py: --what=prepare needs --source=DIR, a local dir laid out like the hub repo "
                          f"(got {cfg['source']!r})")
-    texts = [t for f in sorted(Path(cfg["source"]).glob("*/train-*.parquet"))
-             for t in pq.read_table(f, columns=["text"]).column(0).to_pylist() if t]
+    files = [f for f in sorted(Path(cfg["source"]).glob("*/train-*.parquet")) if f.parent.name in prepare.SUBSETS]
+    texts = [t for f in files for t in pq.read_table(f, columns=[prepare.text_column(f"{f.parent.name}/{f.name}")])
+             .column(0).to_pylist() if t]
     enc = prepare.get_encoding()
     t0 = time.perf_counter()
     n_tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=1))
@@ -307,7 +311,7 @@ def bench_prepare(cfg):
     workers = os.cpu_count()
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(HERE / "prepare.py"), "--source", cfg["source"], "--out", out,
+        subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--source", cfg["source"], "--out", out,
                         "--workers", str(workers), "--val-docs", "0"], check=True, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
     return {"what": "prepare", "documents": len(texts), "tokens": n_tokens, "workers": workers,
@@ -324,22 +328,22 @@ TASK_WORDS = ("the water light plant energy cell student history city river ston
 def write_shaped_task(folder, n_examples):
     import random
 
-    import harness
+    import downstream
     rng = random.Random(0)
     words = lambda n: " ".join(rng.choice(TASK_WORDS) for _ in range(n))  # noqa: E731
     docs = os.path.join(folder, "docs.jsonl")
     with open(docs, "w") as f:
         for _ in range(n_examples):
             f.write(json.dumps({"ctx": words(60), "endings": [words(20) for _ in range(4)], "label": 0}) + "\n")
-    harness.write_task(folder, "hellaswag_shaped", docs, "multiple_choice", "{{ctx}}", "{{label}}", "{{endings}}")
+    downstream.write_task(folder, "hellaswag_shaped", docs, "multiple_choice", "{{ctx}}", "{{label}}", "{{endings}}")
 
 
 def bench_tasks(cfg):
-    """What eval_tasks costs: harness.score, as train.py runs it, on the config's model (fresh weights: the cost does
+    """What eval_tasks costs: downstream.score, as train.py runs it, on the config's model (fresh weights: the cost does
     not depend on them) in batches of batch_size x block_size, over cfg's eval_tasks (at most eval_tasks_limit
     examples each), or, with none set, a HellaSwag-shaped local task of eval_tasks_limit (default 200) examples."""
     try:
-        import harness
+        import downstream
     except ImportError as e:
         raise SystemExit(f"bench.py: {e}") from None
     from tokenizer import TokenizerError, load_tokenizer
@@ -359,11 +363,11 @@ def bench_tasks(cfg):
             write_shaped_task(folder, limit)
             names, path = "hellaswag_shaped", folder
         try:
-            tasks = harness.load_tasks(names, path)
-        except harness.TaskError as e:
+            tasks = downstream.load_tasks(names, path)
+        except downstream.TaskError as e:
             raise SystemExit(f"bench.py: {e}") from None
-        lm = harness.ModelLM(model, enc, cfg["block_size"], cfg["batch_size"], device, autocast)
-        scores = harness.score(lm, tasks, limit)
+        lm = downstream.ModelLM(model, enc, cfg["block_size"], cfg["batch_size"], device, autocast)
+        scores = downstream.score(lm, tasks, limit)
     examples, seconds, tokens = scores["eval_tasks_examples"], scores["eval_tasks_s"], scores["eval_tasks_tokens"]
     return {"what": "tasks", "tasks": names, "params_M": round(model.num_params() / 1e6, 2),
             "batch": f"{cfg['batch_size']}x{cfg['block_size']}", "examples": examples,
@@ -375,7 +379,7 @@ def run_child(cfg, changes):
     """One measurement in a fresh process (its own peak memory); returns its JSON record."""
     args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in {**cfg, **changes}.items()
             if v is not None]
-    proc = subprocess.run([sys.executable, str(HERE / "bench.py"), *args, "--json=True"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", *args, "--json=True"], cwd=ROOT, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], **changes}
@@ -393,7 +397,7 @@ def header(cfg):
 
 
 def bench_memory(cfg):
-    """Predicted per-rank peak memory of a train step (memory.py) against gpu_gb; on CUDA also the measured peak of
+    """Predicted per-rank peak memory of a train step (tools/memory_estimate.py) against gpu_gb; on CUDA also the measured peak of
     real steps at this config (one rank: the FSDP figures of more ranks are predicted only)."""
     device, _ = resolve_device_dtype(cfg)
     # the prediction is for a GPU: dtype 'auto' means bf16 there, whatever this machine's default
@@ -402,7 +406,7 @@ def bench_memory(cfg):
               "batch": f"{cfg['batch_size']}x{cfg['block_size']}", "parallel": cfg["parallel"],
               "param_dtype": cfg["param_dtype"], "dtype": dtype, "optimizer": cfg["optimizer"],
               "act_ckpt": cfg["activation_checkpointing"] or "none",
-              **memory.predict({**cfg, "dtype": dtype}, cfg["ranks"])}
+              **memory_estimate.predict({**cfg, "dtype": dtype}, cfg["ranks"])}
     if device == "cuda" and record["ranks"] == 1:
         measured = run_child(cfg, {"what": "train", "steps": 2, "warmup": 1})
         record["measured_peak_GB"] = measured.get("peak_mem_GB", measured.get("error"))
@@ -414,13 +418,12 @@ def bench_memory(cfg):
 
 
 def main():
-    train_defaults, train_choices = script_keys(HERE / "train.py")  # every train.py key, its defaults and choices
-    choices = {**train_choices, **BENCH_CHOICES}
+    choices = {**settings.CHOICES, **BENCH_CHOICES}  # every train.py key is accepted
     choices["attn_impl"] += ("all",)
-    cfg = configure({**train_defaults, **BENCH_DEFAULTS}, sys.argv[1:], choices=choices)
+    cfg = configure({**settings.DEFAULTS, **BENCH_DEFAULTS}, sys.argv[1:], choices=choices)
     try:
         resolve_device_dtype(cfg)
-        checkpoint_every(cfg["activation_checkpointing"])
+        recompute_interval(cfg["activation_checkpointing"])
     except ValueError as e:
         raise SystemExit(f"bench.py: {e}") from None
     try:

@@ -1,11 +1,11 @@
 """
 The GPU check: the measurements that decide smoltrain's GPU defaults, in one command, written to one report.
 
-    python gpu_check.py --data_dir=data/sample              # on a CUDA machine; about 8 minutes on one H100/H200
-    python gpu_check.py --data_dir=data/sample --dry_run    # anywhere: resolve every step, run none of them
-    python gpu_check.py --only=tests,backends --out=gpu_check
+    python -m tools.gpu_check --data_dir=data/sample              # on a CUDA machine; about 8 minutes on one H100/H200
+    python -m tools.gpu_check --data_dir=data/sample --dry_run    # anywhere: resolve every step, run none of them
+    python -m tools.gpu_check --only=tests,backends --out=gpu_check
 
-Each step is one command of this repo (pytest, bench.py, train.py), run as a subprocess with its own time limit
+Each step is one command of this repo (pytest, tools/bench.py, train.py), run as a subprocess with its own time limit
 inside the whole check's --budget_s; a step that fails or runs out of time is reported with the tail of its output
 and the check goes on. The report, OUT/gpu_check.md and OUT/gpu_check.json, holds every command, its exit status,
 wall time and the records bench.py printed (--json=True), rewritten after each step so that a killed check keeps
@@ -16,15 +16,14 @@ go under --work (default /tmp/gpu_check), never into OUT.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the commands run there
 PY = sys.executable
-BENCH = [PY, "bench.py", "--json=True"]
+BENCH = [PY, "-m", "tools.bench", "--json=True"]
 # GPT-2 small, nanoGPT's benchmark shape: 12 x d768, one causal sequence of 1024 per row, tied head; the GLU's
 # d_ff 2048 x 3 matrices hold the parameters of nanoGPT's 3072 x 2
 GPT2_SMALL = ["config/llama_52m.py", "--n_layer=12", "--d_model=768", "--n_head=12", "--n_kv_head=12", "--d_ff=2048",
@@ -60,6 +59,11 @@ def steps(data_dir, work):
     ]
 
 
+def shown(argv):
+    """argv as a user types it: python for this interpreter's path."""
+    return " ".join(["python", *argv[1:]] if argv[0] == PY else argv)
+
+
 def dry(argv):
     """The command that resolves argv without running it."""
     if "pytest" in argv:
@@ -70,7 +74,7 @@ def dry(argv):
 def run_step(name, argv, limit, expect):
     start = time.time()
     try:
-        proc = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=limit)
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=limit)
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         rc = "timeout"
@@ -82,7 +86,7 @@ def run_step(name, argv, limit, expect):
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 pass
-    return {"step": name, "command": " ".join(argv[1:] if argv[0] == PY else argv), "rc": rc,
+    return {"step": name, "command": shown(argv), "rc": rc,
             "ok": rc == 0 and not any("error" in r for r in records) and (expect is None or expect in out), "wall_s": round(time.time() - start, 1),
             "records": records, "tail": out[-3000:] if rc != 0 or not records else out[-600:]}
 
@@ -133,10 +137,10 @@ def main(argv=None):
     for name, argv, limit, expect in plan:
         left = deadline - time.time()
         if left < 10:
-            results.append({"step": name, "command": " ".join(argv[1:]), "rc": "not run", "ok": False, "wall_s": 0,
+            results.append({"step": name, "command": shown(argv), "rc": "not run", "ok": False, "wall_s": 0,
                             "records": [], "tail": f"the check's budget ({args.budget_s:g} s) was spent"})
         else:
-            print(f"[gpu_check] {name}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+            print(f"[gpu_check] {name}: {shown(argv)}", file=sys.stderr, flush=True)
             results.append(run_step(name, dry(argv) if args.dry_run else argv, min(limit, left),
                                     None if args.dry_run else expect))
             print(f"[gpu_check] {name}: {'ok' if results[-1]['ok'] else 'FAILED (' + str(results[-1]['rc']) + ')'}"

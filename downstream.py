@@ -62,8 +62,8 @@ def load_tasks(names, include_path=""):
         manager = local if all(n in local.all_tasks for n in wanted) else None
     manager = manager or TaskManager(include_path=include_path or None)
     if not hasattr(manager, "load"):
-        raise TaskError(f"eval_tasks needs lm-evaluation-harness 0.4.13 or newer (TaskManager.load): "
-                        f"pip install -U 'lm-eval>=0.4.13'")
+        raise TaskError("eval_tasks needs lm-evaluation-harness 0.4.13 or newer (TaskManager.load): "
+                        "pip install -U 'lm-eval>=0.4.13'")
     unknown = [n for n in wanted if n not in manager.all_tasks]
     if unknown:
         hints = [f"{n} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(n, manager.all_tasks,
@@ -91,7 +91,7 @@ def load_tasks(names, include_path=""):
     if odd:
         raise TaskError(f"eval_tasks: {', '.join(f'{n} ({t})' for n, t in odd.items())}: only tasks scored by "
                         f"log-likelihood run during training ({', '.join(SCORED_TYPES)}); score generative tasks "
-                        f"after training: python export.py, then lm_eval --model hf")
+                        f"after training: python -m tools.export, then lm_eval --model hf")
     return Tasks(leaves, loaded)
 
 
@@ -125,7 +125,7 @@ class ModelLM(TemplateLM):
         super().__init__()  # lm-eval's LM: rank 0 of 1, so lm-eval itself does not split; score_tokens splits
         self.model, self.enc, self.block_size, self.rows = model, enc, block_size, rows
         self.device_name, self.autocast, self.sharded, self.log = device, autocast, sharded, log
-        self.requests_scored, self.tokens_scored = 0, 0  # since the last score(): for the log and bench.py
+        self.requests_scored, self.tokens_scored = 0, 0  # since the last score(): for the log and cost measurements
         self.ranks = dist.get_world_size() if dist.is_initialized() else 1
         self.my_rank = dist.get_rank() if dist.is_initialized() else 0
 
@@ -307,7 +307,7 @@ def write_task(folder, name, data_file, output_type, text, target, choice=None, 
                metrics=("acc", "acc_norm"), tag=None):
     """Write folder/<name>.yaml, a local lm-eval task over a JSON-lines file of documents (text, target and choice
     are lm-eval's jinja templates over a document's fields), and return its path; --eval_tasks_path=folder finds it.
-    For bench.py's measurement and the tests: a task that needs no hub."""
+    For cost measurements and the tests: a task that needs no hub."""
     lines = [f"task: {name}", *([f"tag: [{tag}]"] if tag else []), "dataset_path: json", "dataset_kwargs:",
              "  data_files:", f"    {split}: {data_file}", f"{split}_split: {split}", f"output_type: {output_type}",
              f"doc_to_text: {json.dumps(text)}", f"doc_to_target: {json.dumps(target)}",

@@ -1,11 +1,11 @@
 """
 Draw the loss curves of one or more runs from their log.jsonl files, to compare them at a glance.
 
-    python plot.py out/smoke                           # writes curves.png
-    python plot.py out/a out/b --out=compare.png       # one colour per run
-    python plot.py out/a --smooth=0.95                 # heavier smoothing of the training loss
-    python plot.py out/a out/b --val=bpb               # validation in bits per byte (comparable across tokenizers)
-    python plot.py out/a --tasks=acc_norm              # the task panel: each task's acc_norm instead of core
+    python -m tools.plot out/smoke                           # writes curves.png
+    python -m tools.plot out/a out/b --out=compare.png       # one colour per run
+    python -m tools.plot out/a --smooth=0.95                 # heavier smoothing of the training loss
+    python -m tools.plot out/a out/b --val=bpb               # validation in bits per byte (comparable across tokenizers)
+    python -m tools.plot out/a --tasks=acc_norm              # the task panel: each task's acc_norm instead of core
 
 Left panel: training loss against tokens seen, smoothed (an exponential moving average, bias-corrected as in Adam,
 arXiv 1412.6980 Sec. 3, so the first points are not pulled towards 0), over the raw loss drawn faintly. Right

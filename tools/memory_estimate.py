@@ -1,8 +1,8 @@
 """
 Predict the peak device memory of one training step for a config, per rank: bench.py --what=memory.
 
-    python bench.py config/deepone_1b7.py --what=memory --gpu_gb=24
-    python bench.py config/deepone_1b7.py --what=memory --parallel=fsdp --ranks=8 --gpu_gb=24
+    python -m tools.bench config/deepone_1b7.py --what=memory --gpu_gb=24
+    python -m tools.bench config/deepone_1b7.py --what=memory --parallel=fsdp --ranks=8 --gpu_gb=24
 
 Nothing here is a restated formula for bytes a parameter. Weights, gradients and optimizer state are counted from
 the real tensors after one optimizer step of a scaled-down model (2 layers, d_model 64, vocab 1024) built with the
@@ -26,18 +26,9 @@ from contextlib import nullcontext
 import torch
 
 import optim
-from model import ModelConfig, Transformer, checkpoint_every, rope_tables
+from model import ModelConfig, Transformer, recompute_interval, rope_tables
 
 GiB = 2**30
-
-
-def peak_memory_gib(device_type):
-    """This process's peak memory so far in GiB: the CUDA caching allocator's peak allocation on a GPU (what
-    predict() predicts), the process's peak RSS elsewhere. train.py logs it and bench.py reports it."""
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / GiB
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux reports KiB
 
 
 def state_bytes(model, opt):
@@ -120,7 +111,7 @@ def activation_bytes(cfg, dtype):
     try:
         b1, b2 = block_bytes(t1), block_bytes(t2)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor's CPU code here
-        print(f"memory.py: cannot compile the Block on this machine's CPU ({str(e).strip().splitlines()[0]}); "
+        print(f"memory_estimate.py: cannot compile the Block on this machine's CPU ({str(e).strip().splitlines()[0]}); "
               f"predicting for eager layers, which save more: the peak is overestimated", file=sys.stderr)
         run = block
         b1, b2 = block_bytes(t1), block_bytes(t2)
@@ -145,7 +136,7 @@ def predict(cfg, ranks):
     dtype = cfg["dtype"]
     fixed, per_token, x_bytes, head_fixed, head_per_token = activation_bytes(cfg, dtype)
     tokens = cfg["batch_size"] * cfg["block_size"]
-    every = checkpoint_every(cfg["activation_checkpointing"])
+    every = recompute_interval(cfg["activation_checkpointing"])
     n_ckpt = len(range(0, cfg["n_layer"], every)) if every else 0
     n_kept = cfg["n_layer"] - n_ckpt
     if fsdp:

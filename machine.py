@@ -1,11 +1,12 @@
 """
 What this machine runs: the device, compute dtype, attention backend and distributed backend that 'auto' settings
-resolve to, with one message per impossible combination, and the GPU peak table for MFU. Used by train.py, bench.py
-and sample.py, so that the three resolve 'auto' alike.
+resolve to, with one message per impossible combination, the GPU peak table for MFU, and the peak memory a
+process has used. train.py, sample.py and the tools resolve 'auto' through it alike.
 
-    from runtime import resolve, gpu_peak_tflops
+    from machine import resolve, gpu_peak_tflops, peak_memory_gib
     device, dtype, attn_impl, backend = resolve("auto", "auto", "float32", "auto", "auto")  # ValueError if impossible
     gpu_peak_tflops("NVIDIA H100 80GB HBM3")  # 989, or None for an unknown GPU
+    peak_memory_gib("cuda")                    # this process's peak memory so far
 """
 import re
 
@@ -68,3 +69,12 @@ def gpu_peak_tflops(device_name):
 def _contains_words(words, key_words):
     n = len(key_words)
     return any(words[i:i + n] == key_words for i in range(len(words) - n + 1))
+
+
+def peak_memory_gib(device_type):
+    """This process's peak memory so far in GiB: the CUDA caching allocator's peak allocation on a GPU (what
+    a memory prediction predicts), the process's peak RSS elsewhere."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB

@@ -1,7 +1,7 @@
 """
 Crash-safe file replacement, shared by prepare.py (token shards, meta.json) and checkpoint.py (checkpoints).
 
-    durable.replace(tmp, path)   rename a finished, fsynced tmp file onto path, then fsync the directory
+    atomic_write.replace(tmp, path)   rename a finished, fsynced tmp file onto path, then fsync the directory
 
 os.replace is atomic (readers see the old file or the new one, never half a file), but the rename itself is only an
 entry in the directory: until the directory is fsynced, a power cut can lose it and leave the old state on disk.

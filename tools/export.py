@@ -2,9 +2,9 @@
 Export a smoltrain checkpoint to a Hugging Face transformers folder (weights, config and tokenizer), so that
 AutoModelForCausalLM / AutoTokenizer, lm-evaluation-harness and everything built on transformers load it.
 
-    python export.py --out_dir=out/run --to=hf/run                  # the newest checkpoint of a run
-    python export.py --ckpt_path=out/run/ckpt-00001000.pt --to=hf/run
-    python export.py --out_dir=out/run --to=hf/run --dtype=bfloat16 # half the size on disk
+    python -m tools.export --out_dir=out/run --to=hf/run                  # the newest checkpoint of a run
+    python -m tools.export --ckpt_path=out/run/ckpt-00001000.pt --to=hf/run
+    python -m tools.export --out_dir=out/run --to=hf/run --dtype=bfloat16 # half the size on disk
 
 What it writes in --to: config.json, model.safetensors, generation_config.json, and the GPT-2 tokenizer (tokenizer.json,
 vocab.json, merges.txt, tokenizer_config.json), built from tiktoken's own r50k_base ranks, nothing downloaded.
@@ -32,6 +32,7 @@ from configurator import configure
 from model import ModelConfig, Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the core: model.py
 EOT = 50256  # <|endoftext|> of GPT-2's BPE (tiktoken r50k_base); every training document starts with it
 CHECK_TEXT = ("Photosynthesis is the process by which green plants use light energy to make sugar from water and "
               "carbon dioxide. The oxygen we breathe is a by-product of it.")
@@ -274,7 +275,7 @@ def write_folder(model, to, arch, dtype):
     config = model.config
     if arch == "remote_code":
         hf_config, weights = remote_code_config(config, dtype), remote_code_weights(model)
-        shutil.copyfile(os.path.join(HERE, "model.py"), os.path.join(to, "model.py"))
+        shutil.copyfile(os.path.join(ROOT, "model.py"), os.path.join(to, "model.py"))
         shutil.copyfile(os.path.join(HERE, "hf_modeling.py"), os.path.join(to, "modeling_smoltrain.py"))
     else:
         hf_config, weights = native_config(config, arch, dtype), native_weights(model, arch)

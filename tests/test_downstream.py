@@ -1,4 +1,4 @@
-"""eval_tasks: lm-evaluation-harness tasks scored on the live model by train.py (harness.py), against lm-eval's own
+"""eval_tasks: lm-evaluation-harness tasks scored on the live model by train.py (downstream.py), against lm-eval's own
 HFLM on the exported checkpoint, on 1 and 2 gloo ranks (DDP and FSDP), and its start-up refusals. The tasks are local
 YAML + JSON files written here (lm-eval reads them without the hub)."""
 import glob
@@ -33,15 +33,15 @@ def write_tasks(folder):
              "choices": [WORDS[(i + k) % 10] + (" again" if k == 1 else "") for k in range(2 + i % 3)]}
             for i in range(24)]
     (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    import harness
+    import downstream
     for name, prompt in (("smoltrain_tiny_mc", "{{question}}"), ("smoltrain_tiny_mc2", "Answer: {{question}}")):
-        harness.write_task(folder, name, folder / "mc.jsonl", "multiple_choice", prompt, "{{answer}}", "{{choices}}",
+        downstream.write_task(folder, name, folder / "mc.jsonl", "multiple_choice", prompt, "{{answer}}", "{{choices}}",
                            tag="smoltrain_tiny_tag")  # both tagged smoltrain_tiny_tag
     texts = [{"text": " ".join(WORDS[(i * 7 + j) % 10] for j in range(40 + 30 * i)) + "."} for i in range(3)]
     (folder / "ppl.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
-    harness.write_task(folder, "smoltrain_tiny_ppl", folder / "ppl.jsonl", "loglikelihood_rolling", "", "{{text}}",
+    downstream.write_task(folder, "smoltrain_tiny_ppl", folder / "ppl.jsonl", "loglikelihood_rolling", "", "{{text}}",
                        split="test", metrics=("word_perplexity", "bits_per_byte"))
-    harness.write_task(folder, "smoltrain_tiny_gen", folder / "mc.jsonl", "generate_until", "{{question}}",
+    downstream.write_task(folder, "smoltrain_tiny_gen", folder / "mc.jsonl", "generate_until", "{{question}}",
                        "{{answer}}", metrics=("exact_match",))
     (folder / "tiny_hub.yaml").write_text(  # data on the hub, never cached here
         "task: smoltrain_tiny_hub\ndataset_path: smoltrain-tests/not-cached\noutput_type: multiple_choice\n"
@@ -94,8 +94,8 @@ def test_log_likelihoods_equal_lm_eval_hf_on_the_export(scored):
     """The per-request log-likelihoods of the live model equal lm-eval's HFLM on the exported folder (transformers'
     LlamaForCausalLM) within 1e-4, and so does the accuracy logged at that step."""
     import checkpoint
-    import export
-    import harness
+    from tools import export
+    import downstream
     from lm_eval.evaluator import evaluate
     from tokenizer import load_tokenizer
     tmp, ckpt_path = scored["tmp"], checkpoint.latest(scored["with"])
@@ -112,9 +112,9 @@ def test_log_likelihoods_equal_lm_eval_hf_on_the_export(scored):
           for path in glob.glob(str(tmp / f"results/*/samples_{task}_*.jsonl")) for s in map(json.loads, open(path))}
 
     model, _ = checkpoint.load_model(ckpt_path, "sdpa")
-    lm = harness.ModelLM(model, load_tokenizer(), 64, 2, "cpu", nullcontext())
+    lm = downstream.ModelLM(model, load_tokenizer(), 64, 2, "cpu", nullcontext())
     os.environ.update({"HF_HOME": env["HF_HOME"], "HF_DATASETS_OFFLINE": "1"})
-    tasks = harness.load_tasks("smoltrain_tiny_mc,smoltrain_tiny_ppl", str(tmp / "tasks"))
+    tasks = downstream.load_tasks("smoltrain_tiny_mc,smoltrain_tiny_ppl", str(tmp / "tasks"))
     ours = evaluate(lm, tasks.lm_eval, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     compared = 0
     for task, samples in ours["samples"].items():
@@ -132,10 +132,10 @@ def test_log_likelihoods_equal_lm_eval_hf_on_the_export(scored):
     assert logged["task_word_perplexity/smoltrain_tiny_ppl"] == pytest.approx(
         results["smoltrain_tiny_ppl"]["word_perplexity,none"], rel=1e-4)
     # a tag (or group) stands for its tasks: its centered accuracy is their mean, and core the mean over the names
-    tagged = harness.load_tasks("smoltrain_tiny_tag,smoltrain_tiny_mc", str(tmp / "tasks"))
+    tagged = downstream.load_tasks("smoltrain_tiny_tag,smoltrain_tiny_mc", str(tmp / "tasks"))
     assert tagged.leaves == {"smoltrain_tiny_tag": ["smoltrain_tiny_mc", "smoltrain_tiny_mc2"],
                              "smoltrain_tiny_mc": ["smoltrain_tiny_mc"]}
-    record = harness.score(lm, tagged)
+    record = downstream.score(lm, tagged)
     chance = sum(1 / len(d["choices"]) for d in scored["docs"]) / len(scored["docs"])
     centered = {t: (record[f"task_acc_norm/{t}"] - chance) / (1 - chance) for t in tagged.leaves["smoltrain_tiny_tag"]}
     assert record["task_centered/smoltrain_tiny_tag"] == pytest.approx(sum(centered.values()) / 2)
@@ -151,14 +151,14 @@ def test_every_attention_backend_scores_alike(scored):
     """The packed rows' document masks under eager and flex_attention (the GPU default; on the CPU its forward
     runs without grads) give sdpa's scores."""
     import checkpoint
-    import harness
+    import downstream
     from tokenizer import load_tokenizer
     os.environ.update({"HF_HOME": str(scored["tmp"] / "hf-home"), "HF_DATASETS_OFFLINE": "1"})
-    tasks = harness.load_tasks("smoltrain_tiny_mc,smoltrain_tiny_ppl", str(scored["tmp"] / "tasks"))
+    tasks = downstream.load_tasks("smoltrain_tiny_mc,smoltrain_tiny_ppl", str(scored["tmp"] / "tasks"))
     records = {}
     for impl in ("sdpa", "eager", "flex_attention"):
         model, _ = checkpoint.load_model(checkpoint.latest(scored["with"]), impl)
-        records[impl] = harness.score(harness.ModelLM(model, load_tokenizer(), 64, 2, "cpu", nullcontext()), tasks)
+        records[impl] = downstream.score(downstream.ModelLM(model, load_tokenizer(), 64, 2, "cpu", nullcontext()), tasks)
     for impl in ("eager", "flex_attention"):
         for key, value in records["sdpa"].items():
             if key.startswith("task_") or key == "core":
@@ -207,12 +207,12 @@ def test_refusals_come_before_training(prepared_data, tmp_path):
 
 
 def test_plot_draws_the_task_scores(scored, tmp_path):
-    import plot
+    from tools import plot
     from PIL import Image
     assert [r["step"] for r in plot.read_log(str(scored["with"]))[2]] == [2, 4]
     for metric in ("core", "acc_norm"):
         png = tmp_path / f"{metric}.png"
-        proc = subprocess.run([sys.executable, "plot.py", str(scored["with"]), "--out", str(png), f"--tasks={metric}"],
+        proc = subprocess.run([sys.executable, "-m", "tools.plot", str(scored["with"]), "--out", str(png), f"--tasks={metric}"],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert Image.open(png).size == (1200, 450)
