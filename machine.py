@@ -3,11 +3,13 @@ What this machine runs: the device, compute dtype, attention backend and distrib
 resolve to, with one message per impossible combination, the GPU peak table for MFU, and the peak memory a
 process has used. train.py, sample.py and the tools resolve 'auto' through it alike.
 
-    from machine import resolve, gpu_peak_tflops, peak_memory_gib
+    from machine import resolve, check_float8, gpu_peak_tflops, peak_memory_gib
     device, dtype, attn_impl, backend = resolve("auto", "auto", "float32", "auto", "auto")  # ValueError if impossible
+    check_float8(device)                       # ValueError unless FP8 matmuls can run here
     gpu_peak_tflops("NVIDIA H100 80GB HBM3")  # 989, or None for an unknown GPU
     peak_memory_gib("cuda")                    # this process's peak memory so far
 """
+import importlib.util
 import re
 
 import torch
@@ -50,6 +52,23 @@ def resolve(device="auto", dtype="auto", param_dtype="float32", attn_impl="auto"
         raise ValueError(f"attn_impl='flash_attention_2' runs on CUDA in bf16 only (here device={device!r}, "
                          f"dtype={dtype!r}); use --dtype=bfloat16 on a GPU, or --attn_impl=flex_attention (GPU) or sdpa")
     return device, dtype, attn_impl, backend
+
+
+def check_float8(device):
+    """A ValueError naming everything float8=True lacks here: torchao (an optional extra) and a CUDA GPU with FP8
+    tensor cores (compute capability 8.9, Ada and Hopper, or later)."""
+    lacking = []
+    if importlib.util.find_spec("torchao") is None:  # found, not imported: its import is slow and talks on a CPU
+        lacking.append("torchao is not installed (pip install torchao)")
+    if device != "cuda":
+        lacking.append(f"the device is {device}, not a CUDA GPU")
+    elif torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        lacking.append(f"this GPU ({torch.cuda.get_device_name()}) has compute capability {major}.{minor}, without "
+                       f"FP8 tensor cores")
+    if lacking:
+        raise ValueError(f"float8=True needs torchao and a GPU of compute capability 8.9 or later (H100, H200, L4, "
+                         f"L40S, RTX 4090), but {'; and '.join(lacking)}. Train in bf16 without it (--float8=False).")
 
 
 # Dense bf16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's datasheets (the sparsity figures halved; L40:

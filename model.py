@@ -546,6 +546,16 @@ class Transformer(nn.Module):
             layer.checkpointed = every > 0 and i % every == 0
         return self
 
+    def use_float8_matmuls(self):
+        """FP8 matmuls in the Blocks' linear layers: torchao's float8 training (dynamic tensorwise scales, e4m3
+        activations and weights, e5m2 gradients) swaps each for a Float8Linear that keeps its weight, so checkpoints
+        and exports stay as they are. The embedding, the head (its softmax is the most precision-sensitive) and the
+        norms stay in the compute dtype, as in torchao's and torchtitan's recipes; so does a layer whose sizes are
+        not multiples of 16 (FP8 matmul kernels need that). Call before compile_layers and the parallel wrap."""
+        from torchao.float8 import convert_to_float8_training
+        convert_to_float8_training(self.layers, module_filter_fn=lambda module, name: (
+            isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0))
+
     def compile_layers(self, **compile_kwargs):
         """Compile each Block and the head+loss in place (nn.Module.compile), so state_dict keys keep no
         `_orig_mod.` prefix. The mask is built eagerly in forward and reaches the compiled layers as an input:

@@ -56,7 +56,7 @@ from data import parse_mixture, read_meta, to_device
 from model import ModelConfig, Transformer, attended_pairs
 from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
 from parallel import wrap as parallel_wrap
-from machine import gpu_peak_tflops, peak_memory_gib, resolve
+from machine import check_float8, gpu_peak_tflops, peak_memory_gib, resolve
 from tokenizer import TokenizerError, load_tokenizer, token_byte_lengths
 
 # -----------------------------------------------------------------------------
@@ -88,6 +88,8 @@ def die(message):
 try:
     settings.check(cfg)
     device, dtype, attn_impl, backend = resolve(device, dtype, param_dtype, attn_impl, backend)
+    if float8:
+        check_float8(device)
 except ValueError as e:
     die(str(e))
 activation_checkpointing = "none" if activation_checkpointing is None else activation_checkpointing
@@ -156,8 +158,9 @@ def describe_plan(model):
              f"constant, then a linear decay over the last {decay_frac:.0%} to")
     return "\n".join([
         f"model: {n_params / 1e6:.2f}M parameters, {model_config}",
-        f"world size {world_size} on {device} ({f'{parallel} over {backend}' if ddp else 'no DDP'}), {dtype}, "
-        f"compile={compile}" + (f" (mode {compile_mode})" if compile else "")
+        f"world size {world_size} on {device} ({f'{parallel} over {backend}' if ddp else 'no DDP'}), {dtype}"
+        + (" with FP8 matmuls in the Blocks, " if float8 else ", ")
+        + f"compile={compile}" + (f" (mode {compile_mode})" if compile else "")
         + f", weights {param_dtype}, activation checkpointing {activation_checkpointing}",
         f"tokens per step: {batch_size} seqs x {block_size} tokens{accum} x {world_size} ranks = {tokens_per_step:,}",
         f"data: {data_dir}, train documents drawn " + (describe_mixture(parse_mixture(mixture, subsets), subsets)
@@ -311,6 +314,8 @@ if ckpt or weights_ckpt:
     model.load_state_dict((ckpt or weights_ckpt)["model"])  # the full weights, before any sharding; cast to param_dtype
     del weights_ckpt
 model.to(device, dtype=getattr(torch, param_dtype))
+if float8:
+    model.use_float8_matmuls()
 if compile:
     model.compile_layers(mode=compile_mode)  # in place, so state_dict keys keep their names
 model.set_activation_checkpointing(activation_checkpointing)
@@ -331,11 +336,17 @@ if ckpt:
 
 
 step, tokens_seen = 0, 0
+# the wall clock of the training steps alone (compilation included; evaluation, checkpoints and logging not), summed
+# over resumes: the time it took to reach a validation loss
+train_seconds = 0.0
 best = None  # {"step", "val_loss"}: the evaluation with the lowest mean validation loss so far
 loss_ema = None  # {"short", "long"}: moving averages of the logged train loss, for the divergence stop
 if ckpt:
     step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
     best, loss_ema = ckpt.get("best"), ckpt.get("loss_ema")
+    train_seconds = ckpt.get("train_seconds", 0.0)
+    if "train_seconds" not in ckpt:
+        print0("resume: the checkpoint does not record its training time; train_s counts from this launch")
     if restore_data_state:
         for loader in train_loaders:
             notes = loader.load_state_dict(ckpt["data_states"][loader.rank])
@@ -367,7 +378,7 @@ def save_checkpoint():
     if master:
         state = {
             "model": {k.replace("_orig_mod.", ""): v for k, v in model_state.items()},
-            "optimizer": opt_state, "step": step, "tokens_seen": tokens_seen,
+            "optimizer": opt_state, "step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
             "model_config": dataclasses.asdict(model_config), "config": cfg, "world_size": world_size,
             "data_states": data_states, "rng_states": rng_states, "best": best, "loss_ema": loss_ema,
         }
@@ -603,7 +614,7 @@ def log_progress(loss, grad_norm, attended, batches):
         record = {"step": step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
                   "tokens_per_sec": tokens_per_sec, "mfu": mfu, "attn_fraction": attn_fraction,
                   "flops_per_token": flops_per_token, "peak_mem_gb": peak_memory_gib(device_type),
-                  "elapsed_s": elapsed, "eta_s": eta}
+                  "elapsed_s": elapsed, "train_s": train_seconds, "eta_s": eta}
         if optimizer == "muon":
             record["muon_lr"] = peak_muon_lr * multiplier
         if sums:
@@ -629,7 +640,7 @@ def evaluate_and_keep_best():
     global best
     losses = evaluate()
     if master:
-        log_record({"step": step, "tokens": tokens_seen, **losses})
+        log_record({"step": step, "tokens": tokens_seen, "train_s": train_seconds, **losses})
         print("eval | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
     mean_val = sum(v for k, v in losses.items() if k.startswith("val_loss/")) / len(subsets)
     if not keep_best or (best is not None and mean_val >= best["val_loss"]):
@@ -670,7 +681,7 @@ if master:
     log_record({"step": step, "run": {
         "world_size": world_size, "device": device, "parallel": parallel if ddp else None,
         "backend": backend if ddp else None, "dtype": dtype, "param_dtype": param_dtype, "attn_impl": attn_impl,
-        "compile": compile, "compile_mode": compile_mode if compile else None,
+        "compile": compile, "compile_mode": compile_mode if compile else None, "float8": float8,
         "activation_checkpointing": activation_checkpointing, "n_params": model.num_params(),
         "tokens_per_step": tokens_per_step, "peak_lr": peak_lr, "stop_step": stop_step}})
     if wandb_log:
@@ -710,6 +721,7 @@ while step < stop_step and tokens_seen < train_tokens:
     if not due:
         continue
     loss, attended = check_health(loss, first_bad_step, check_weights="save" in due)  # stops the run if unhealthy
+    train_seconds += time.time() - interval_start  # the device is synchronized by now: the steps' real time
     if "log" in due:
         log_progress(loss, grad_norm, attended, batches)
     if "eval" in due and evaluate_and_keep_best():

@@ -1,6 +1,9 @@
 """The training recipe: Muon (optim.Muon and its parameter groups), the warmup-stable-decay schedule, validation in
 bits per byte; unit tests on real tensors and train.py runs on the CPU (--device=cpu, gloo for 2 ranks)."""
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import tiktoken
@@ -11,6 +14,7 @@ import checkpoint
 import optim
 import machine
 from data import PackedLoader, read_meta
+from conftest import ROOT
 from model import ModelConfig, Transformer
 from test_train import TINY, records, train
 
@@ -247,3 +251,49 @@ def test_a_wsd_run_extends_from_a_stable_phase_checkpoint(prepared_data, tmp_pat
     assert short[8]["lr"] < peak and long[8]["lr"] == peak and long[16]["lr"] < long[12]["lr"] < peak
     for s in range(3, 17):  # the schedule of a 2048-token run from step 3 on
         assert long[s]["lr"] == pytest.approx(wsd_lr((s - 1) * 128, peak, 0.1, 256, 2048, 0.5, 128), rel=1e-9), s
+
+
+def test_time_to_target_is_read_where_a_known_curve_crosses_the_target(tmp_path):
+    """tools/bench_recipe.py's first_reach: linear between the evaluation before the crossing and the first one at or
+    below the target, in steps, tokens and training seconds alike; from the start (0, 0, 0) when the first evaluation
+    is already below; None when the curve never gets there."""
+    from tools.bench_recipe import first_reach, val_curve
+    curve = [(10, 1000, 5.0, 3.0), (20, 2000, 9.0, 2.5), (30, 3000, 13.0, 2.0), (40, 4000, 17.0, 2.2)]
+    with open(tmp_path / "log.jsonl", "w") as f:
+        for step, tokens, seconds, bpb in curve:
+            f.write(json.dumps({"step": step, "loss": 9.0, "tokens": tokens}) + "\n")  # a train record: ignored
+            f.write(json.dumps({"step": step, "tokens": tokens, "train_s": seconds, "val_loss/a": 2 * bpb,
+                                "val_loss/b": 2 * bpb, "val_bpb/a": bpb - 0.1, "val_bpb/b": bpb + 0.1}) + "\n")
+    read = val_curve(tmp_path)
+    assert [p["bpb"] for p in read] == pytest.approx([c[3] for c in curve])
+    assert first_reach(read, 2.25) == pytest.approx({"step": 25.0, "tokens": 2500.0, "train_s": 11.0})
+    assert first_reach(read, 2.0) == pytest.approx({"step": 30.0, "tokens": 3000.0, "train_s": 13.0})
+    assert first_reach(read, 3.5) == pytest.approx({"step": 10.0, "tokens": 1000.0, "train_s": 5.0})
+    assert first_reach(read, 1.9) is None
+
+
+def test_time_to_target_of_a_real_run(tmp_path, prepared_data):
+    """bench_recipe.py --target_bpb over a tiny train.py run (--device=cpu): train.py logs train_s, the steps'
+    summed wall clock, with every evaluation, growing with the steps and below the run's elapsed time; the table
+    gives the step of the first evaluation that reaches the run's best bpb, and the seconds logged there."""
+    out = tmp_path / "recipes"
+    shape = ["--n_layer=1", "--n_head=2", "--d_model=32", "--block_size=64", "--batch_size=2", "--train_tokens=1536",
+             "--warmup_tokens=256", "--eval_interval=2", "--eval_iters=2", "--log_interval=2"]
+    bench = [sys.executable, "-m", "tools.bench_recipe", f"--data_dir={prepared_data}", "--recipes=default",
+             "--seeds=1337", f"--out={out}"]
+    first = subprocess.run([*bench, "--", *shape], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    evals = [r for r in records(out / "default-s1337", "val_bpb/fineweb-edu-dedup").values()]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10, 12]
+    seconds = [r["train_s"] for r in evals]
+    assert all(0 < a < b for a, b in zip(seconds, seconds[1:]))
+    elapsed = records(out / "default-s1337", "elapsed_s")[12]["elapsed_s"]
+    assert seconds[-1] <= elapsed
+    curve = [sum(v for k, v in r.items() if k.startswith("val_bpb/")) / 2 for r in evals]
+    best = curve.index(min(curve))
+    again = subprocess.run([*bench, f"--target_bpb={curve[best]!r}", "--", *shape], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)  # the finished run is read again, not trained
+    assert again.returncode == 0, again.stderr[-3000:]
+    row = next(line for line in again.stdout.splitlines()[::-1] if line.startswith("| default |"))
+    assert row == (f"| default | {evals[best]['train_s']:,.1f} | {evals[best]['step']:,.1f} | "
+                   f"{evals[best]['tokens']:,.0f} |")

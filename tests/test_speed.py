@@ -247,3 +247,66 @@ def test_gpu_train_10_steps(prepared_data, tmp_path):
     steps = {r["step"]: r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r}
     assert sorted(steps) == list(range(1, 11))
     assert steps[10]["loss"] < steps[1]["loss"] and 0 < steps[10]["attn_fraction"] < 0.5
+
+
+def test_bench_measures_each_optimizer_on_one_built_model(monkeypatch):
+    """--optimizer=muon,adamw: one record per optimizer, in order, the model built and compiled once (the second
+    step is built around the first's model); a list elsewhere than --what=train, or a wrong name, is refused."""
+    compiled = []
+    monkeypatch.setattr(Transformer, "compile_layers", lambda self, mode: compiled.append(mode))
+    import settings
+    cfg = {**settings.DEFAULTS, **bench.BENCH_DEFAULTS, "device": "cpu", "n_layer": 2, "n_head": 2, "d_model": 32,
+           "block_size": 64, "batch_size": 2, "vocab_size": V, "dtype": "float32", "steps": 1, "warmup": 1,
+           "compile": True, "optimizer": "muon,adamw"}
+    records = bench.bench_train(cfg)
+    assert [r["optimizer"] for r in records] == ["muon", "adamw"] and compiled == ["default"]
+    assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    for args, fragment in [(["--optimizer=muon,adamz"], "'adamz' is not one of"),
+                           (["--optimizer=muon,adamw", "--what=profile"], "a list of optimizers is for --what=train")]:
+        proc = run("tools.bench", *TINY, "--device=cpu", *args)
+        assert proc.returncode != 0 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bench_times_a_reference_model_file_by_the_same_loop(tmp_path):
+    """--what=reference loads nanoGPT's model.py from a path (never part of this repo): its GPTConfig, GPT,
+    configure_optimizers and get_num_params, trained by the loop that times smoltrain's step. A file with that
+    interface stands in for it here; a missing path is refused with the clone command."""
+    (tmp_path / "model.py").write_text('''
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+class GPT(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = torch.nn.Embedding(config.block_size, config.n_embd)
+        self.mlp = torch.nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+    def forward(self, idx, targets):
+        h = self.mlp(self.wte(idx) + self.wpe(torch.arange(idx.size(1))))
+        logits = h @ self.wte.weight.T
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+''')
+    proc = run("tools.bench", *TINY, "--device=cpu", "--what=reference", f"--reference={tmp_path / 'model.py'}",
+               "--grad_accum=2", "--steps=1", "--warmup=1", "--json=True")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["what"] == "reference" and record["batch"] == "2x64 x 2 micro-steps" and record["tokens_per_s"] > 0
+    assert record["params_M"] == round((50304 * 32 + 32 * 32) / 1e6, 2)
+    assert record["flops_per_token"] == 6 * (50304 * 32 + 32 * 32) + 12 * 2 * 32 * 64 * 0.5
+    proc = run("tools.bench", *TINY, "--device=cpu", "--what=reference", "--reference=nowhere/model.py")
+    assert proc.returncode != 0 and "git clone https://github.com/karpathy/nanoGPT" in proc.stderr

@@ -6,6 +6,8 @@
     python -m tools.bench config/deepone.py --what=loader            # PackedLoader tokens/s and its share of a step
     python -m tools.bench config/deepone.py --what=profile           # where a step's time goes: top kernels, shares
     python -m tools.bench config/deepone.py --grad_accum=8           # a step of 8 micro-steps and one optimizer step
+    python -m tools.bench config/deepone.py --optimizer=muon,adamw   # each optimizer in turn on one compiled model
+    python -m tools.bench config/llama_52m.py --what=reference --reference=nanoGPT/model.py   # nanoGPT's own model
     python -m tools.bench config/smoke.py --batch=data               # train.py's first real batch, not a synthetic one
     python -m tools.bench --what=prepare --source=DIR                # prepare.py tokens/s vs the tokenizer's own rate
     python -m tools.bench config/deepone.py --what=tasks             # eval_tasks' cost per example (HellaSwag-shaped)
@@ -34,12 +36,12 @@ import settings
 from configurator import configure
 from data import cu_seqlens_of
 from model import ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, recompute_interval, varlen_kernel
-from machine import default_attn_impl, gpu_peak_tflops, peak_memory_gib, resolve
+from machine import check_float8, default_attn_impl, gpu_peak_tflops, peak_memory_gib, resolve
 from tools import memory_estimate
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the core and config/
 BENCH_DEFAULTS = {
-    "what": "train",     # 'train' | 'loader' | 'prepare' | 'profile' | 'memory' | 'tasks'
+    "what": "train",     # 'train' | 'loader' | 'prepare' | 'profile' | 'memory' | 'tasks' | 'reference'
     "steps": 5,          # timed steps (after warmup)
     "warmup": 2,         # untimed steps first: compilation, allocator warm-up
     "lean_loss": "on",   # 'on' (chunked head+loss, as train.py) | 'off' (full fp32 logits + F.cross_entropy) | 'all'
@@ -52,8 +54,9 @@ BENCH_DEFAULTS = {
     "reserve_gb": 1.0,   # --what=memory: of gpu_gb, left for the CUDA context and allocator fragmentation
     "ranks": 1,          # --what=memory: ranks that share the FSDP shards (parallel='fsdp')
     "memory_limit_gb": 0.0,  # CUDA: cap this process at N GiB (set_per_process_memory_fraction), as on a smaller GPU
+    "reference": "",     # --what=reference: the path of nanoGPT's model.py (karpathy/nanoGPT; read, never committed)
 }
-BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile", "memory", "tasks"), "lean_loss": ("on", "off", "all"),
+BENCH_CHOICES = {"what": ("train", "loader", "prepare", "profile", "memory", "tasks", "reference"), "lean_loss": ("on", "off", "all"),
                  "batch": ("synthetic", "data")}
 
 
@@ -119,14 +122,18 @@ def model_config(cfg, device):
     return ModelConfig.from_dict(cfg, attn_impl=attn_impl)
 
 
-def make_step(cfg):
+def make_step(cfg, model=None):
     """The model, optimizer and batch of one train step as train.py builds them, the step being grad_accum
-    micro-steps on the batch and one optimizer step; returns (model, step, sync, batch)."""
+    micro-steps on the batch and one optimizer step; returns (model, step, sync, batch). Given a model (built and
+    compiled by an earlier call), the step is built around it: no second compilation."""
     device, dtype = resolve_device_dtype(cfg)
-    model = Transformer(model_config(cfg, device)).to(device, dtype=getattr(torch, cfg["param_dtype"]))
-    if cfg["compile"]:
-        model.compile_layers(mode=cfg["compile_mode"])
-    model.set_activation_checkpointing(cfg["activation_checkpointing"])
+    if model is None:
+        model = Transformer(model_config(cfg, device)).to(device, dtype=getattr(torch, cfg["param_dtype"]))
+        if cfg["float8"]:
+            model.use_float8_matmuls()
+        if cfg["compile"]:
+            model.compile_layers(mode=cfg["compile_mode"])
+        model.set_activation_checkpointing(cfg["activation_checkpointing"])
     optimizer = optim.make_optimizer(model, cfg["optimizer"], cfg["param_dtype"], 1e-4, (0.9, 0.95), 0.1, 0, device,
                                      muon_lr=1e-3, compile=cfg["compile"])
     batch = synthetic_batch(cfg, device) if cfg["batch"] == "synthetic" else data_batch(cfg, device)
@@ -164,23 +171,75 @@ def time_steps(step, sync, n):
 
 
 def bench_train(cfg):
+    """One record per optimizer of cfg's comma-separated list, measured in turn on the same compiled model."""
     device, _ = resolve_device_dtype(cfg)
-    model, step, sync, (_, _, _, cu_seqlens) = make_step(cfg)
+    records, model = [], None
+    for name in cfg["optimizer"].split(","):
+        model, step, sync, (_, _, _, cu_seqlens) = make_step({**cfg, "optimizer": name}, model)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = time_steps(step, sync, cfg["steps"])
+        # MFU counts only the attended part of the scores: sparse kernels (flex, flash) skip the rest
+        frac = attended_fraction(cu_seqlens, cfg["batch_size"], cfg["block_size"])
+        flops_per_token = model.flops_per_token(cfg["block_size"], attn_fraction=frac)
+        records.append({"what": "train", "attn_impl": model.config.attn_impl, "optimizer": name,
+                        "lean_loss": cfg["lean_loss"], "params_M": round(model.num_params() / 1e6, 2),
+                        **step_figures(cfg, device, seconds, flops_per_token), "attn_fraction": round(frac, 4),
+                        "flops_per_token": round(flops_per_token)})
+        del step  # the optimizer's state goes before the next one is built
+    return records
+
+
+def step_figures(cfg, device, seconds, flops_per_token):
+    """batch, step time, tokens/s, TFLOP/s, MFU and peak memory of a step of cfg's batch that took seconds."""
+    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"]
+    flops = flops_per_token * tokens
+    peak = peak_tflops(cfg, device)
+    return {"batch": batch_text(cfg), "step_ms": round(seconds * 1e3, 1), "tokens_per_s": round(tokens / seconds),
+            "tflops": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
+            "peak_mem_GB": round(peak_memory_gib(device), 2)}
+
+
+def bench_reference(cfg):
+    """nanoGPT's own model.py (the file at cfg's reference path) at cfg's shape, as its train.py runs it: its GPT
+    (no bias, no dropout, tied head, vocabulary 50304), torch.compile of the whole model, its fused AdamW, bf16
+    autocast, one causal sequence per row; timed by the loop that times smoltrain's step, on random tokens. Its FLOPs
+    per token are counted as smoltrain's are (6 N + 12 L d T / 2, the causal half), so the MFUs compare."""
+    import importlib.util
+    path = Path(cfg["reference"])
+    spec = importlib.util.spec_from_file_location("reference_model", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    device, dtype = resolve_device_dtype(cfg)
+    B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["grad_accum"]
+    model = ref.GPT(ref.GPTConfig(block_size=T, vocab_size=50304, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                                  n_embd=cfg["d_model"], dropout=0.0, bias=False)).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
+    compiled = torch.compile(model) if cfg["compile"] else model
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, 50257, (B, T), generator=g).to(device) for _ in range(2))
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        for _ in range(accum):
+            with autocast:
+                _, loss = compiled(x, y)
+            (loss / accum).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(cfg["warmup"]):
+        step()
+    sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = time_steps(step, sync, cfg["steps"])
-    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"]
-    # MFU counts only the attended part of the scores: sparse kernels (flex, flash) skip the rest
-    frac = attended_fraction(cu_seqlens, cfg["batch_size"], cfg["block_size"])
-    flops_per_token = model.flops_per_token(cfg["block_size"], attn_fraction=frac)
-    flops = flops_per_token * tokens
-    peak = peak_tflops(cfg, device)
-    return {"what": "train", "attn_impl": model.config.attn_impl, "lean_loss": cfg["lean_loss"],
-            "params_M": round(model.num_params() / 1e6, 2), "batch": batch_text(cfg),
-            "step_ms": round(seconds * 1e3, 1), "tokens_per_s": round(tokens / seconds),
-            "tflops": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
-            "peak_mem_GB": round(peak_memory_gib(device), 2), "attn_fraction": round(frac, 4),
-            "flops_per_token": round(flops_per_token)}
+    n_params = model.get_num_params()  # without the position embedding (no matmul); the tied head counted once
+    flops_per_token = 6 * n_params + 12 * cfg["n_layer"] * cfg["d_model"] * T * 0.5
+    return [{"what": "reference", "model": f"nanoGPT {path}", "optimizer": "adamw (fused)",
+             "params_M": round(n_params / 1e6, 2), **step_figures(cfg, device, seconds, flops_per_token),
+             "flops_per_token": round(flops_per_token)}]
 
 
 # --what=profile: where a step's time goes. Ranges named in the code (model.py's forward and make_step above) take
@@ -289,7 +348,7 @@ def bench_loader(cfg):
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / n
-    step = run_child(cfg, {"what": "train", "lean_loss": "on"})
+    step = run_child(cfg, {"what": "train", "lean_loss": "on"})[0]
     return {"what": "loader", "batch": f"{cfg['batch_size']}x{cfg['block_size']}", "batch_ms": round(seconds * 1e3, 2),
             "tokens_per_s": round(cfg["batch_size"] * cfg["block_size"] / seconds),
             "step_ms": step["step_ms"], "share_of_step_pct": round(100 * seconds * 1e3 / step["step_ms"], 4)}
@@ -376,14 +435,14 @@ def bench_tasks(cfg):
 
 
 def run_child(cfg, changes):
-    """One measurement in a fresh process (its own peak memory); returns its JSON record."""
+    """One measurement in a fresh process (its own peak memory); returns its JSON records (one per optimizer)."""
     args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in {**cfg, **changes}.items()
             if v is not None]
     proc = subprocess.run([sys.executable, "-m", "tools.bench", *args, "--json=True"], cwd=ROOT, capture_output=True,
                           text=True)
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], **changes}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return [{"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], **changes}]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def header(cfg):
@@ -391,7 +450,8 @@ def header(cfg):
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     peak = peak_tflops(cfg, device)
     compiled = f"{cfg['compile']}" + (f" (mode {cfg['compile_mode']})" if cfg["compile"] else "")
-    return (f"device: {name} | torch {torch.__version__} | dtype {dtype} | compile {compiled}"
+    return (f"device: {name} | torch {torch.__version__} | dtype {dtype}{' + FP8 matmuls' if cfg['float8'] else ''}"
+            f" | compile {compiled}"
             + (f" | MFU peak {peak} TFLOP/s (bf16 dense)" if peak else "")
             + "\nFLOPs per token = 6 * (body params + vocab * d_model) + 12 * n_layer * d_model * T * attn_fraction")
 
@@ -408,7 +468,7 @@ def bench_memory(cfg):
               "act_ckpt": cfg["activation_checkpointing"] or "none",
               **memory_estimate.predict({**cfg, "dtype": dtype}, cfg["ranks"])}
     if device == "cuda" and record["ranks"] == 1:
-        measured = run_child(cfg, {"what": "train", "steps": 2, "warmup": 1})
+        measured = run_child(cfg, {"what": "train", "steps": 2, "warmup": 1})[0]
         record["measured_peak_GB"] = measured.get("peak_mem_GB", measured.get("error"))
     budget = cfg["gpu_gb"] - cfg["reserve_gb"]
     record["verdict"] = (f"{'fits' if record['predicted_peak_GB'] <= budget else 'does not fit'}: predicted peak "
@@ -420,10 +480,24 @@ def bench_memory(cfg):
 def main():
     choices = {**settings.CHOICES, **BENCH_CHOICES}  # every train.py key is accepted
     choices["attn_impl"] += ("all",)
+    del choices["optimizer"]  # a comma-separated list: checked below
     cfg = configure({**settings.DEFAULTS, **BENCH_DEFAULTS}, sys.argv[1:], choices=choices)
+    optimizers = cfg["optimizer"].split(",")
+    wrong = [o for o in optimizers if o not in settings.CHOICES["optimizer"]]
+    if wrong or not optimizers:
+        raise SystemExit(f"bench.py: optimizer={cfg['optimizer']!r}: {', '.join(map(repr, wrong))} is not one of "
+                         f"{', '.join(settings.CHOICES['optimizer'])} (a comma-separated list measures each in turn)")
+    if cfg["what"] == "reference" and not Path(cfg["reference"]).is_file():
+        raise SystemExit(f"bench.py: --what=reference needs --reference=PATH, nanoGPT's model.py (git clone "
+                         f"https://github.com/karpathy/nanoGPT; got {cfg['reference']!r})")
+    if len(optimizers) > 1 and cfg["what"] != "train":
+        raise SystemExit(f"bench.py: optimizer={cfg['optimizer']!r}: a list of optimizers is for --what=train; "
+                         f"--what={cfg['what']} takes one")
     try:
         resolve_device_dtype(cfg)
         recompute_interval(cfg["activation_checkpointing"])
+        if cfg["float8"]:
+            check_float8(resolve_device_dtype(cfg)[0])
     except ValueError as e:
         raise SystemExit(f"bench.py: {e}") from None
     try:
@@ -451,10 +525,12 @@ def main():
         for key, values in sweeps.items():
             if values:
                 combos = [{**c, key: v} for c in combos for v in values]
-        records = [run_child(cfg, c) for c in combos]
+        records = [record for c in combos for record in run_child(cfg, c)]
+    elif cfg["what"] in ("train", "reference"):
+        records = (bench_train if cfg["what"] == "train" else bench_reference)(cfg)
     else:
-        what = {"train": bench_train, "loader": bench_loader, "prepare": bench_prepare, "profile": bench_profile,
-                "memory": bench_memory, "tasks": bench_tasks}
+        what = {"loader": bench_loader, "prepare": bench_prepare, "profile": bench_profile, "memory": bench_memory,
+                "tasks": bench_tasks}
         records = [what[cfg["what"]](cfg)]
     if cfg["json"]:
         for r in records:

@@ -13,9 +13,17 @@ Recipes (the names say optimizer and schedule, so the two effects can be told ap
 
 For each recipe: final mean validation loss and bpb over the subsets (mean over seeds, and the spread max - min), and
 the tokens it took to first reach the first recipe's final bpb (linear between evaluations), as a share of that
-recipe's tokens. Runs go to --out (default out/recipes/<recipe>-s<seed>); a finished run is read again, not rerun, so
-the command resumes after an interruption. Everything after `--` goes to every train.py run (a shape, an LR, ...).
-The default shape is d256, 4 layers, 4 heads, block 256, batch 8, 300 steps (614,400 tokens), fp32 on the CPU.
+recipe's tokens. With --target_bpb, time to a target loss: the training seconds (the steps' wall clock, compilation
+included, evaluations and checkpoints not), steps and tokens at which the mean validation bpb first reaches the
+target, linear between evaluations (train.py logs train_s with each evaluation), per recipe and seed. Runs go to --out
+(default out/recipes/<recipe>-s<seed>); a finished run is read again, not rerun, so the command resumes after an
+interruption. Everything after `--` goes to every train.py run (a shape, an LR, ...). The default shape (--shape=small)
+is d256, 4 layers, 4 heads, block 256, batch 8, 300 steps (614,400 tokens), fp32 on the CPU; --shape=deepone is
+config/deepone.py as it is (bf16, compile), for a GPU: give it --device=cuda and a --train_tokens after `--`.
+
+    python -m tools.bench_recipe --data_dir=data/standin --recipes=muon-wsd,adamw-cosine --target_bpb=2.3
+    python -m tools.bench_recipe --data_dir=data/sample --shape=deepone --device=cuda --recipes=default,adamw-wsd \
+        --target_bpb=1.2 --seeds=1337 -- --train_tokens=500000000
 """
 import argparse
 import json
@@ -25,9 +33,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py
-SHAPE = ["--family=deepone", "--n_layer=4", "--n_head=4", "--d_model=256", "--block_size=256", "--batch_size=8",
+SHAPES = {"small": ["--family=deepone", "--n_layer=4", "--n_head=4", "--d_model=256", "--block_size=256", "--batch_size=8",
          "--train_tokens=614400", "--warmup_tokens=40960", "--eval_interval=25", "--eval_iters=8",
-         "--log_interval=25", "--save_interval=100000", "--compile=False", "--dtype=float32"]
+         "--log_interval=25", "--save_interval=100000", "--compile=False", "--dtype=float32"],
+          "deepone": ["config/deepone.py", "--eval_interval=50", "--log_interval=10", "--save_interval=100000"]}
 ADAMW_LR = 2e-3 / math.sqrt(8)  # AdamW 2e-3 at a batch of 8 sequences (train.py's lr is per sequence)
 ADAMW = ["--beta1=0.9", "--weight_decay=0.1"]  # the AdamW recipe as it was, pinned against train.py's defaults
 MUON_LR = 0.02 / math.sqrt(8)  # Muon 0.02 at a batch of 8, Jordan's and nanochat's
@@ -36,6 +45,7 @@ MUON_LR = 0.02 / math.sqrt(8)  # Muon 0.02 at a batch of 8, Jordan's and nanocha
 ADAMW_UNDER_MUON_LR = 3 * ADAMW_LR
 ADAMW_UNDER_MUON = ["--beta1=0.8", "--weight_decay=0.0", f"--lr={ADAMW_UNDER_MUON_LR}", f"--muon_lr={MUON_LR}"]
 RECIPES = {
+    "default": [],  # train.py's own settings (muon-wsd at the default LRs)
     "adamw-cosine": ["--optimizer=adamw", "--lr_schedule=cosine", *ADAMW, f"--lr={ADAMW_LR}", f"--min_lr={ADAMW_LR / 10}"],
     "adamw-wsd": ["--optimizer=adamw", "--lr_schedule=wsd", *ADAMW, f"--lr={ADAMW_LR}", f"--min_lr={ADAMW_LR / 20}"],
     "muon-cosine": ["--optimizer=muon", "--lr_schedule=cosine", *ADAMW_UNDER_MUON,
@@ -45,30 +55,36 @@ RECIPES = {
 
 
 def val_curve(out_dir):
-    """[(tokens, mean val loss, mean val bpb)] of a run's validation records."""
+    """[{"step", "tokens", "train_s", "loss", "bpb"}] of a run's validation records (means over the subsets)."""
     curve = []
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         for record in map(json.loads, f):
             losses = [v for k, v in record.items() if k.startswith("val_loss/")]
             bpbs = [v for k, v in record.items() if k.startswith("val_bpb/")]
             if losses and bpbs:
-                curve.append((record["tokens"], sum(losses) / len(losses), sum(bpbs) / len(bpbs)))
+                curve.append({"step": record["step"], "tokens": record["tokens"], "train_s": record.get("train_s"),
+                              "loss": sum(losses) / len(losses), "bpb": sum(bpbs) / len(bpbs)})
     return curve
 
 
-def tokens_to_reach(curve, target):
-    """Tokens at which the bpb curve first falls to target, linear between evaluations; None if it never does."""
-    for (t0, _, b0), (t1, _, b1) in zip([(0, None, math.inf)] + curve, curve):
-        if b1 <= target:
-            return t1 if not math.isfinite(b0) else t0 + (t1 - t0) * (b0 - target) / (b0 - b1)
+def first_reach(curve, target):
+    """{"step", "tokens", "train_s"} where the bpb curve first falls to target, each linear between the evaluation
+    before (or the start: step 0, no tokens, no time) and the first one at or below target; None if it never does."""
+    before = {"step": 0, "tokens": 0, "train_s": 0.0, "bpb": math.inf}
+    for point in curve:
+        if point["bpb"] <= target:
+            share = 1.0 if not math.isfinite(before["bpb"]) else (before["bpb"] - target) / (before["bpb"] - point["bpb"])
+            return {k: (None if point[k] is None or before[k] is None else before[k] + share * (point[k] - before[k]))
+                    for k in ("step", "tokens", "train_s")}
+        before = point
     return None
 
 
-def run(recipe, seed, out, data_dir, extra):
+def run(recipe, seed, args, extra):
     """Train (or resume, or just read) one recipe; returns its validation curve."""
-    out_dir = os.path.join(out, f"{recipe}-s{seed}")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--device=cpu", f"--data_dir={data_dir}",
-           f"--out_dir={out_dir}", f"--seed={seed}", *SHAPE, *RECIPES[recipe], *extra]
+    out_dir = os.path.join(args.out, f"{recipe}-s{seed}")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *SHAPES[args.shape], f"--device={args.device}",
+           f"--data_dir={args.data_dir}", f"--out_dir={out_dir}", f"--seed={seed}", *RECIPES[recipe], *extra]
     print(f"[recipe] {recipe} seed {seed}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -83,9 +99,15 @@ def main(argv):
         extra = []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="prepared data (prepare.py --out)")
-    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated; the first is the reference")
+    p.add_argument("--recipes", default="adamw-cosine,adamw-wsd,muon-cosine,muon-wsd",
+                   help=f"comma-separated, from {', '.join(RECIPES)}; the first is the reference")
     p.add_argument("--seeds", default="1337,1338", help="comma-separated seeds (model init and batch order)")
     p.add_argument("--out", default="out/recipes", help="where the runs go")
+    p.add_argument("--shape", default="small", choices=list(SHAPES), help="small: the CPU recipe shape; deepone: "
+                   "config/deepone.py as it is")
+    p.add_argument("--device", default="cpu", help="train.py's --device (cuda for --shape=deepone)")
+    p.add_argument("--target_bpb", type=float, default=None, help="also report the time, steps and tokens each recipe "
+                   "took to first reach this mean validation bpb")
     args = p.parse_args(argv)
     recipes = args.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]
@@ -95,21 +117,50 @@ def main(argv):
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds={args.seeds}: comma-separated integers, e.g. 1337,1338")
-    curves = {(r, s): run(r, s, args.out, args.data_dir, extra) for s in seeds for r in recipes}
-    print("| recipe | val loss (nats) | val bpb | spread of bpb over seeds | tokens to the first recipe's final bpb |")
-    print("|---|---|---|---|---|")
+    if args.target_bpb is not None and not args.target_bpb > 0:
+        p.error(f"--target_bpb={args.target_bpb}: a mean validation bits per byte above 0, e.g. 2.3")
+    curves = {(r, s): run(r, s, args, extra) for s in seeds for r in recipes}
+    print(final_table(curves, recipes, seeds))
+    if args.target_bpb is not None:
+        print()
+        print(target_table(curves, recipes, seeds, args.target_bpb))
+
+
+def mean_and_each(values, fmt, missing="not reached"):
+    """'mean (each, each)' of per-seed values, or 'not reached by k of n seeds' when k have None."""
+    missed = [v for v in values if v is None]
+    if missed:
+        return f"{missing} by {len(missed)} of {len(values)} seeds"
+    each = f" ({', '.join(fmt.format(v) for v in values)})" if len(values) > 1 else ""
+    return fmt.format(sum(values) / len(values)) + each
+
+
+def final_table(curves, recipes, seeds):
+    """Final val loss and bpb per recipe (means over seeds), and tokens to the first recipe's final bpb."""
+    lines = ["| recipe | val loss (nats) | val bpb | spread of bpb over seeds | tokens to the first recipe's final bpb |",
+             "|---|---|---|---|---|"]
     for r in recipes:
         finals = [curves[r, s][-1] for s in seeds]
-        reach = []
-        for s in seeds:
-            target = curves[recipes[0], s][-1][2]
-            t = tokens_to_reach(curves[r, s], target)
-            reach.append(t / curves[r, s][-1][0] if t is not None else None)
-        reach_text = ("not reached" if None in reach else
-                      f"{sum(reach) / len(reach):.2f} x ({', '.join(f'{x:.2f}' for x in reach)})")
-        bpbs = [f[2] for f in finals]
-        print(f"| {r} | {sum(f[1] for f in finals) / len(finals):.3f} | {sum(bpbs) / len(bpbs):.3f} | "
-              f"{max(bpbs) - min(bpbs):.3f} | {reach_text} |")
+        reach = [first_reach(curves[r, s], curves[recipes[0], s][-1]["bpb"]) for s in seeds]
+        shares = [x["tokens"] / curves[r, s][-1]["tokens"] if x else None for x, s in zip(reach, seeds)]
+        bpbs = [f["bpb"] for f in finals]
+        lines.append(f"| {r} | {sum(f['loss'] for f in finals) / len(finals):.3f} | {sum(bpbs) / len(bpbs):.3f} | "
+                     f"{max(bpbs) - min(bpbs):.3f} | {mean_and_each(shares, '{:.2f} x')} |")
+    return "\n".join(lines)
+
+
+def target_table(curves, recipes, seeds, target):
+    """Time to target: training seconds, steps and tokens at which each recipe first reached the target bpb."""
+    lines = [f"time to a mean validation bpb of {target:g} (means over seeds {', '.join(map(str, seeds))}; each seed "
+             "in brackets)", "", "| recipe | training seconds | steps | tokens |", "|---|---|---|---|"]
+    for r in recipes:
+        reach = [first_reach(curves[r, s], target) for s in seeds]
+        unlogged = any(x and x["train_s"] is None for x in reach)  # a log of a train.py without train_s
+        lines.append(f"| {r} | " + " | ".join(
+            mean_and_each([x[key] if x else None for x in reach], fmt,
+                          "not logged" if key == "train_s" and unlogged else "not reached")
+            for key, fmt in (("train_s", "{:,.1f}"), ("step", "{:,.1f}"), ("tokens", "{:,.0f}"))) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """
 The GPU check: the measurements that decide smoltrain's GPU defaults, in one command, written to one report.
 
-    python -m tools.gpu_check --data_dir=data/sample              # on a CUDA machine; about 8 minutes on one H100/H200
+    python -m tools.gpu_check --data_dir=data/sample              # on a CUDA machine: the plan, within 8 minutes
+    python -m tools.gpu_check --data_dir=data/sample --nanogpt=../nanoGPT/model.py   # nanoGPT's own model beside
     python -m tools.gpu_check --data_dir=data/sample --dry_run    # anywhere: resolve every step, run none of them
-    python -m tools.gpu_check --only=tests,backends --out=gpu_check
+    python -m tools.gpu_check --only=tests,backends --out=gpu_check   # named steps (--only=all: plan and extras)
 
 Each step is one command of this repo (pytest, tools/bench.py, train.py), run as a subprocess with its own time limit
 inside the whole check's --budget_s; a step that fails or runs out of time is reported with the tail of its output
@@ -31,32 +32,47 @@ GPT2_SMALL = ["config/llama_52m.py", "--n_layer=12", "--d_model=768", "--n_head=
 DEEPONE_834M = ["config/deepone.py", "--n_layer=24", "--d_model=1536", "--n_head=12", "--n_kv_head=12", "--d_ff=4096",
                 "--batch_size=4"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# The plan's time: a bench process spends 35-80 s compiling on an H200 (torch 2.11), then seconds measuring
+# (deepone's step ~0.1 s, the 1.7B's 0.43 s); pytest -m cuda took 108 s with warm compile caches. Each limit is
+# about 1.5 x the expected time; the whole plan is expected near 7 minutes of its 8.
+PLAN = ("default model", "gpt2-small accum 8", "nanoGPT accum 8", "profile", "1.7B in 24 GiB", "train 5 steps",
+        "resume to 10", "tests")
 
 
-def steps(data_dir, work):
-    """[(name, argv, time limit in s, text its output must hold or None)], in the order they run: the most telling
-    first."""
+def steps(data_dir, work, nanogpt=""):
+    """[(name, argv, time limit in s, text its output must hold or None)]: the plan (PLAN, in its order: the most
+    telling figures first, the CUDA tests last, each of them given what is left of the budget) and then the extra
+    steps that --only names (backends, compile modes, memory). The nanoGPT step is there when nanogpt names its
+    model.py."""
     train = [PY, "train.py", "config/deepone.py", f"--data_dir={data_dir}", f"--out_dir={work}/train",
-             "--train_tokens=10000000", "--save_interval=5", "--log_interval=1", "--eval_interval=0"]
-    return [
-        # the optimizer's cost: the default (Muon) against torch's fused AdamW, then at nanoGPT's shape and its
-        # tokens per optimizer step (nanoGPT's own GPT-2 run steps every ~0.5M tokens: 8 x 16 x 1024 here is 131k)
-        ("optimizer muon", [*BENCH, "config/deepone.py"], 200, None),
-        ("optimizer adamw", [*BENCH, "config/deepone.py", "--optimizer=adamw"], 120, None),
-        ("gpt2-small accum 8", [*BENCH, *GPT2_SMALL, "--attn_impl=sdpa", "--grad_accum=8"], 150, None),
-        ("profile", [*BENCH, "config/deepone.py", "--what=profile"], 120, None),
+             "--train_tokens=10000000", "--save_interval=5", "--log_interval=1", "--eval_interval=0",
+             "--compile=False"]  # save and resume are checked here, not speed: no compilation
+    quick = ["--warmup=1", "--steps=3"]
+    plan = [
+        # the default recipe (Muon) and torch's fused AdamW on one compiled model: the optimizer's cost
+        ("default model", [*BENCH, "config/deepone.py", "--optimizer=muon,adamw"], 150, None),
+        # nanoGPT's benchmark shape at its tokens per optimizer step (its GPT-2 run steps every ~0.5M tokens: 8 x 16
+        # x 1024 here is 131k), then nanoGPT's own model.py at the same shape, timed by the same loop
+        ("gpt2-small accum 8", [*BENCH, *GPT2_SMALL, "--attn_impl=sdpa", "--grad_accum=8", "--optimizer=muon,adamw",
+                                *quick], 120, None),
+        *([("nanoGPT accum 8", [*BENCH, *GPT2_SMALL, "--grad_accum=8", "--what=reference", f"--reference={nanogpt}",
+                                *quick], 100, None)] if nanogpt else []),
+        ("profile", [*BENCH, "config/deepone.py", "--what=profile", "--warmup=1", "--steps=2"], 100, None),
+        ("1.7B in 24 GiB", [*BENCH, "config/deepone_1b7.py", "--memory_limit_gb=24", *quick], 150, None),
+        ("train 5 steps", [*train, "--max_steps=5"], 60, "step 5/"),
+        ("resume to 10", [*train, "--max_steps=10"], 60, "resuming from"),
         ("tests", [PY, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests"], 240, None),
-        ("backends", [*BENCH, "config/deepone.py", "--attn_impl=all"], 150, None),
-        ("gpt2-small sdpa", [*BENCH, *GPT2_SMALL, "--attn_impl=sdpa"], 90, None),
+    ]
+    extra = [
+        ("backends", [*BENCH, "config/deepone.py", "--attn_impl=all"], 240, None),
         ("gpt2-small flex", [*BENCH, *GPT2_SMALL, "--attn_impl=flex_attention"], 90, None),
+        *[(f"default model compile {mode}", [*BENCH, "config/deepone.py", f"--compile_mode={mode}"], 150, None)
+          for mode in COMPILE_MODES[1:]],
         *[(f"834M compile {mode}", [*BENCH, *DEEPONE_834M, f"--compile_mode={mode}"], 240, None)
           for mode in COMPILE_MODES],
         ("memory", [*BENCH, "config/deepone.py", "--what=memory"], 120, None),
-        ("1.7B in 24 GiB", [*BENCH, "config/deepone_1b7.py", "--steps=10", "--warmup=1", "--memory_limit_gb=24"], 240,
-         None),
-        ("train 5 steps", [*train, "--max_steps=5"], 240, "step 5/"),
-        ("resume to 10", [*train, "--max_steps=10"], 240, "resuming from"),
     ]
+    return plan + extra
 
 
 def shown(argv):
@@ -114,11 +130,18 @@ def main(argv=None):
     p.add_argument("--out", default="gpu_check", help="where the report goes")
     p.add_argument("--work", default="/tmp/gpu_check", help="scratch space: the train.py steps' checkpoints")
     p.add_argument("--budget_s", type=float, default=480, help="the whole check's time; a step gets what is left")
-    p.add_argument("--only", default="", help="comma-separated step names or prefixes (default: all)")
+    p.add_argument("--only", default="", help="comma-separated step names or prefixes, or 'all' for the plan and "
+                   "every extra step (default: the plan: " + ", ".join(PLAN) + ")")
+    p.add_argument("--nanogpt", default="", help="nanoGPT's model.py (git clone https://github.com/karpathy/nanoGPT;"
+                   " never committed here): adds its run at the GPT-2-small shape beside smoltrain's")
     p.add_argument("--dry_run", action="store_true", help="resolve every step (configs, keys, paths), run none")
     args = p.parse_args(argv)
-    plan = steps(args.data_dir, args.work)
-    if args.only:
+    if args.nanogpt and not Path(args.nanogpt).is_file():
+        p.error(f"--nanogpt={args.nanogpt}: no such file; give the path of nanoGPT's model.py")
+    plan = steps(args.data_dir, args.work, args.nanogpt)
+    if not args.only:
+        plan = [s for s in plan if s[0] in PLAN]
+    elif args.only != "all":
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         unknown = [w for w in wanted if not any(step[0].startswith(w) for step in plan)]
         if unknown:
@@ -132,7 +155,8 @@ def main(argv=None):
     if not torch.cuda.is_available() and not args.dry_run:
         p.error("this machine has no CUDA GPU; --dry_run resolves the steps here without running them")
     header = (f"{gpu} | torch {torch.__version__} | {time.strftime('%Y-%m-%d %H:%M:%S')}"
-              + (" | dry run: each step resolved, none run" if args.dry_run else ""))
+              + (" | dry run: each step resolved, none run" if args.dry_run else "")
+              + ("" if args.nanogpt else " | nanoGPT side by side: not run (--nanogpt=PATH to its model.py)"))
     out, deadline, results = Path(args.out), time.time() + args.budget_s, []
     for name, argv, limit, expect in plan:
         left = deadline - time.time()
