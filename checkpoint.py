@@ -7,6 +7,12 @@ and the tools.
                                          so far, with keep_best). A crash mid-save, even kill -9, leaves only a .tmp
                                          file, which nothing reads, and the previous checkpoints intact.
     latest(out_dir) -> path or None      the newest complete checkpoint
+    find(out_dir, ckpt_path) -> path     what sample.py, tools/export.py and init_weights read: ckpt_path, or
+                                         out_dir's newest; 'best' (or DIR/best) is the kept checkpoint of the lowest
+                                         mean validation loss (keep_best); a CheckpointError says what is missing
+    remove_partial_files(out_dir)        delete the .tmp files a save killed mid-write left; returns their paths
+    expected_bytes(model, optimizer)     the size of this run's checkpoints, known before the first step;
+                                         space_warning(...) says when out_dir's disk cannot hold those it keeps
     to_resume(out_dir, init_from)        the checkpoint a run continues, or None; check_resumable(ckpt, ...) refuses
                                          one that this run's model, optimizer or ranks cannot continue
     load(path) -> dict                   verify the checksums, then torch.load(mmap=True, weights_only=True) on the
@@ -27,24 +33,33 @@ that turn into NaN a step later.
 """
 
 import dataclasses
+import errno
 import glob
 import hashlib
 import os
 import random
 import re
+import shutil
 import zipfile
 
 import numpy as np
 import torch
 
 import atomic_write
+import optim
 from model import ModelConfig, Transformer
 
 PATTERN = re.compile(r"ckpt-(\d{8})\.pt$")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that a run cannot continue from: the message says what differs and what to do."""
+    """A checkpoint that a run cannot continue from, or cannot be found: the message says what differs and what to
+    do."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, say): its partial file is gone, the earlier checkpoints
+    are intact, and the message says what to do."""
 
 
 def path_for(out_dir, step):
@@ -64,7 +79,7 @@ def latest(out_dir):
 
 def save(obj, out_dir, step, keep_last, keep_step=None):
     """Write obj as out_dir/ckpt-<step>.pt atomically, then keep only the newest keep_last checkpoints and that of
-    keep_step, if any."""
+    keep_step, if any. A SaveError when the write fails: the partial file removed, the earlier checkpoints kept."""
     os.makedirs(out_dir, exist_ok=True)
     path = path_for(out_dir, step)
     tmp = path + ".tmp"
@@ -75,6 +90,10 @@ def save(obj, out_dir, step, keep_last, keep_step=None):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as torch's RuntimeError from its zip writer
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise SaveError(save_failure(e, path, tensor_bytes(obj), keep_last)) from None
     finally:
         torch.serialization.set_crc32_options(compute_crc32)
     atomic_write.replace(tmp, path)  # readers see the old set of files or the new one, never half a file
@@ -82,8 +101,110 @@ def save(obj, out_dir, step, keep_last, keep_step=None):
     for old in all_checkpoints(out_dir)[:-keep_last]:
         if old != kept:
             os.remove(old)
-    for stale in glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt.tmp")):  # left by a crash mid-save
-        os.remove(stale)
+    remove_partial_files(out_dir)
+    return path
+
+
+def save_failure(error, path, needed, keep_last):
+    """The message of a failed save: for a full disk the bytes needed and free, and the ways out."""
+    out_dir = os.path.dirname(path) or "."
+    free = shutil.disk_usage(out_dir).free
+    last = latest(out_dir)
+    resume = f"it resumes from {last}" if last else "it starts afresh: no checkpoint was written before"
+    causes = [error, error.__context__, error.__cause__]  # torch's zip writer may wrap the OSError
+    if any(getattr(c, "errno", None) == errno.ENOSPC for c in causes) or free < needed:
+        return (f"no space left on the device for checkpoint {path}: it needs about {gb(needed)} and the disk "
+                f"holding {out_dir} has {gb(free)} free. Free space there, give another --out_dir, or keep fewer "
+                f"checkpoints (--keep_last={keep_last} now), then rerun the same command: {resume}.")
+    return (f"cannot write checkpoint {path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            f". The partial file is removed; rerun the same command when {out_dir} is writable: {resume}.")
+
+
+def gb(n_bytes):
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def tensor_bytes(obj):
+    """Bytes of every tensor in a nest of dicts, lists and tuples: about a checkpoint's size on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def expected_bytes(model, optimizer):
+    """About the size of this run's checkpoints, known before the first step: the full weights (a tied weight
+    once) and the optimizer state they will have after it (optim.full_state_bytes)."""
+    weights = {p.data_ptr(): p for p in model.parameters()}.values()  # a DTensor's shape and size are the full ones
+    return sum(p.numel() * p.element_size() for p in weights) + optim.full_state_bytes(optimizer)
+
+
+def space_warning(out_dir, checkpoint_bytes, keep_last, keep_best):
+    """A warning when the disk holding out_dir cannot hold the checkpoints a run keeps there at once (keep_last, the
+    one being written, and the best with keep_best), the checkpoints already there counted as space (rotation
+    replaces them); None when it can."""
+    at_once = keep_last + 1 + bool(keep_best)
+    there = sum(os.path.getsize(p) for p in all_checkpoints(out_dir))
+    free = shutil.disk_usage(out_dir).free
+    if free + there >= at_once * checkpoint_bytes:
+        return None
+    return (f"warning: the disk holding {out_dir} has {gb(free)} free" + (f" (and {gb(there)} in checkpoints there)"
+            if there else "") + f", but this run's checkpoints take about {gb(checkpoint_bytes)} each and up to "
+            f"{at_once} are there at once (keep_last={keep_last}, the one being written"
+            + (", the best" if keep_best else "") + f"): {gb(at_once * checkpoint_bytes)}. Free space, give another "
+            f"--out_dir or a smaller --keep_last, or a save will stop the run when the disk is full.")
+
+
+def remove_partial_files(out_dir):
+    """Delete the ckpt-*.pt.tmp files that a save stopped mid-write left (nothing reads them); returns their paths."""
+    stale = glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt.tmp"))
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def find(out_dir, ckpt_path="", flag="--ckpt_path"):
+    """The checkpoint to read: ckpt_path, or out_dir's newest when it is ''; 'best' (the best of out_dir) or DIR/best
+    (the best of DIR) is the checkpoint of the lowest mean validation loss that keep_best kept. A CheckpointError
+    names what is missing (and the setting, flag, that asked for it) and what to give instead."""
+    if ckpt_path == "best" or (os.path.basename(ckpt_path) == "best" and not os.path.exists(ckpt_path)):
+        return best(os.path.dirname(ckpt_path) or out_dir)
+    if ckpt_path:
+        if os.path.isfile(ckpt_path):
+            return ckpt_path
+        folder = os.path.dirname(ckpt_path) or "."
+        near = latest(folder) if os.path.isdir(folder) else None
+        raise CheckpointError(f"{flag}={ckpt_path} does not exist; " + (
+            f"the newest checkpoint there is {near}" if near else
+            "give the path of a ckpt-NNNNNNNN.pt file, DIR/best, or --out_dir=DIR to take the newest checkpoint in DIR"))
+    path = latest(out_dir)
+    if not path:
+        raise CheckpointError(f"no checkpoint (ckpt-*.pt) in {out_dir}; train first, e.g. python train.py "
+                              f"config/smoke.py")
+    return path
+
+
+def best(out_dir):
+    """The checkpoint of the lowest mean validation loss of the run in out_dir, as its newest checkpoint records it
+    (read without its tensors: they are mapped, not loaded)."""
+    newest = latest(out_dir)
+    if not newest:
+        raise CheckpointError(f"no checkpoint (ckpt-*.pt) in {out_dir}, so no best one; train first, with "
+                              f"--keep_best=True")
+    try:
+        record = torch.load(newest, map_location="cpu", weights_only=True, mmap=True).get("best")
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {newest}: {type(e).__name__}: {e}") from None
+    if not record:
+        raise CheckpointError(f"the run in {out_dir} recorded no best checkpoint (it trained without --keep_best=True "
+                              f"or before its first evaluation); give a checkpoint path, e.g. {newest}")
+    path = path_for(out_dir, record["step"])
+    if not os.path.isfile(path):
+        raise CheckpointError(f"the best checkpoint of {out_dir}, {path} (step {record['step']}, mean val loss "
+                              f"{record['val_loss']:.4f}), is gone: it was rotated away or deleted")
     return path
 
 

@@ -6,10 +6,12 @@ process has used. train.py, sample.py and the tools resolve 'auto' through it al
     from machine import resolve, check_float8, gpu_peak_tflops, peak_memory_gib
     device, dtype, attn_impl, backend = resolve("auto", "auto", "float32", "auto", "auto")  # ValueError if impossible
     check_float8(device)                       # ValueError unless FP8 matmuls can run here
+    is_out_of_memory(error), memory_of("cuda") # an allocation failure; the device's name and total bytes
     gpu_peak_tflops("NVIDIA H100 80GB HBM3")  # 989, or None for an unknown GPU
     peak_memory_gib("cuda")                    # this process's peak memory so far
 """
 import importlib.util
+import os
 import re
 
 import torch
@@ -52,6 +54,18 @@ def resolve(device="auto", dtype="auto", param_dtype="float32", attn_impl="auto"
         raise ValueError(f"attn_impl='flash_attention_2' runs on CUDA in bf16 only (here device={device!r}, "
                          f"dtype={dtype!r}); use --dtype=bfloat16 on a GPU, or --attn_impl=flex_attention (GPU) or sdpa")
     return device, dtype, attn_impl, backend
+
+
+def is_out_of_memory(error):
+    """True for an allocation that failed for want of memory: CUDA's OutOfMemoryError, or the CPU allocator's."""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
+def memory_of(device_type):
+    """(the device's name, its memory in bytes): the current GPU's, or this machine's RAM."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name(), torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return "this machine's RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_float8(device):

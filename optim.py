@@ -523,6 +523,25 @@ def state_bytes(optimizer):
                if isinstance(t, torch.Tensor))
 
 
+def full_state_bytes(optimizer):
+    """Bytes of the whole optimizer state (every rank's shards together, as a checkpoint holds it) once every
+    parameter has stepped, known before the first step: a parameter without state yet counts the tensors its first
+    step makes, built on the meta device (torch's AdamW: exp_avg and exp_avg_sq)."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                state = {}
+                meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                if isinstance(optimizer, _StackedOptimizer):
+                    optimizer._init_state(group, meta, state)
+                else:
+                    state = {"exp_avg": meta, "exp_avg_sq": meta}
+            total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    return total
+
+
 def check_settings(lr, min_lr, lr_scale, betas, muon_lr=0.0, name="adamw", sharded=False):
     """Raise a ValueError naming the values when train.py's optimizer settings cannot train (LRs, betas, an
     optimizer `name` that cannot step FSDP shards when `sharded`). lr, min_lr and muon_lr are per sequence;

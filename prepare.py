@@ -280,17 +280,19 @@ class ShardWriter:
         self.tokens = self.docs = 0
 
     def write(self, tokens, lengths):
-        self.bin.write(memoryview(tokens))  # a plain write, so a full disk raises ENOSPC here
+        with naming(f"{self.bin_path}.tmp"):
+            self.bin.write(memoryview(tokens))  # a plain write, so a full disk raises ENOSPC here
         self.offsets.append(self.tokens + np.cumsum(lengths))
         self.tokens += int(lengths.sum())
         self.docs += len(lengths)
 
     def close(self):
         """Write the index and fsync both .tmp files (the slow part, kept out of commit) -> {"docs", "tokens"}."""
-        self.bin.flush()
-        os.fsync(self.bin.fileno())
-        self.bin.close()
-        with open(f"{self.idx_path}.tmp", "wb") as f:
+        with naming(f"{self.bin_path}.tmp"):
+            self.bin.flush()
+            os.fsync(self.bin.fileno())
+            self.bin.close()
+        with naming(f"{self.idx_path}.tmp"), open(f"{self.idx_path}.tmp", "wb") as f:
             np.concatenate(self.offsets).tofile(f)
             f.flush()
             os.fsync(f.fileno())
@@ -325,9 +327,21 @@ def tokenize_file(pf, column, rows, out_dir, shard_name, val_docs, pool, workers
 
 # ----------------------------------------------------------------------------- meta.json and progress
 
+@contextmanager
+def naming(path):
+    """An OSError raised inside names path: a failed write's error carries no file name, and a full disk's message
+    should say which file it was writing."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
 def write_json_atomic(path, obj):
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with naming(tmp), open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
         f.flush()
@@ -465,8 +479,9 @@ def prepare(source, out, subsets, fraction, val_docs, workers, keep_parquet, rev
             progress.file_finished()
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise PrepareError(f"no space left on the device holding {out} ({e.filename or ''}); free space or "
-                               f"use --out on a bigger disk, then rerun to resume") from None
+            writing = f" (writing {e.filename})" if e.filename else ""
+            raise PrepareError(f"no space left on the device holding {out}{writing}; free space or use --out on a "
+                               f"bigger disk, then rerun to resume") from None
         raise
     finally:
         if pool:

@@ -4,12 +4,12 @@ Generate text from a trained checkpoint.
     python sample.py --out_dir=out/smoke --start="Photosynthesis is" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out/smoke                     # no start: begins a fresh document (<|endoftext|>)
     python sample.py --out_dir=out/smoke --start=FILE:prompt.txt
+    python sample.py --out_dir=out/smoke --ckpt_path=best    # the lowest mean validation loss (train with keep_best)
 
 Reads the newest checkpoint in out_dir (or ckpt_path) with torch.load(weights_only=True), rebuilds the model from
 the model config stored in it, and prints num_samples continuations, each cut at the first <|endoftext|> it writes.
 """
 
-import os
 import sys
 from contextlib import nullcontext
 
@@ -23,7 +23,7 @@ from tokenizer import TokenizerError, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run's directory: its newest checkpoint is used
-ckpt_path = ""  # a particular checkpoint file instead
+ckpt_path = ""  # a particular checkpoint file instead; 'best': the run's best (keep_best), DIR/best that of DIR
 start = ""  # the prompt; '' = start a fresh document; 'FILE:path' reads the prompt from a file
 num_samples = 1
 max_new_tokens = 200
@@ -45,15 +45,10 @@ try:  # an explicit attn_impl is checked where the model is built (checkpoint.lo
 except ValueError as e:
     sys.exit(f"sample.py: {e}")
 attn_impl = auto_attn_impl if attn_impl == "auto" else attn_impl
-if ckpt_path and not os.path.isfile(ckpt_path):
-    folder = os.path.dirname(ckpt_path) or "."
-    near = checkpoint.latest(folder) if os.path.isdir(folder) else None
-    sys.exit(f"sample.py: --ckpt_path={ckpt_path} does not exist; "
-             + (f"the newest checkpoint there is {near}" if near else "give the path of a ckpt-NNNNNNNN.pt file, or "
-                "--out_dir=DIR to take the newest checkpoint in DIR"))
-path = ckpt_path or checkpoint.latest(out_dir)
-if not path:
-    sys.exit(f"sample.py: no checkpoint (ckpt-*.pt) in {out_dir}; train first, e.g. python train.py config/smoke.py")
+try:
+    path = checkpoint.find(out_dir, ckpt_path)
+except checkpoint.CheckpointError as e:
+    sys.exit(f"sample.py: {e}")
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:

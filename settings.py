@@ -43,7 +43,8 @@ block_size = 4096  # tokens per sequence, and the model's maximum length
 mixture = ""  # train documents per subset, e.g. 'cosmopedia-v2:0.7,fineweb-edu-dedup:0.3' (weights; a subset that
 #               runs out starts a new epoch of its own); '' = in proportion to the documents each has left (data.py)
 restore_data_state = True  # on resume, each rank's data stream continues where it stopped
-init_weights = ""  # a checkpoint path: start this (new) run from its weights only, in any mode; '' = from scratch
+init_weights = ""  # a checkpoint path, or DIR/best (DIR's keep_best checkpoint): start this (new) run from its
+#                   weights only, in any mode; '' = from scratch
 dispatch_batches = False  # rank 0 reads every rank's batches and sends them out (the same batches as reading locally)
 # model: the fields of model.ModelConfig (block_size above is the model's too)
 family = "deepone"

@@ -40,7 +40,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint
+import memory_estimate
 import optim
 import settings
 from configurator import configure
@@ -56,7 +57,7 @@ from data import parse_mixture, read_meta, to_device
 from model import ModelConfig, Transformer, attended_pairs
 from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
 from parallel import wrap as parallel_wrap
-from machine import check_float8, gpu_peak_tflops, peak_memory_gib, resolve
+from machine import check_float8, gpu_peak_tflops, is_out_of_memory, peak_memory_gib, resolve
 from tokenizer import TokenizerError, load_tokenizer, token_byte_lengths
 
 # -----------------------------------------------------------------------------
@@ -82,6 +83,24 @@ def die(message):
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(1)
+
+
+@contextmanager
+def out_of_memory_stops_the_run():
+    """A step that runs out of memory stops the run with one message from each rank it happens on (one rank may run
+    out alone: its message cannot wait for the others), not the allocator's traceback; nothing of it is saved."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(e):
+            raise
+        where = f"step {step + 1}" + (f" on rank {rank}" if ddp else "")
+        message = memory_estimate.out_of_memory_message({**cfg, "device": device_type, "dtype": dtype}, where,
+                                                        world_size)
+        print(f"train.py: {message} Nothing of this step was saved; the last checkpoint is "
+              f"{checkpoint.latest(out_dir) or '(none)'}.", flush=True)
+        sys.stderr.flush()
+        os._exit(1)  # not sys.exit: the other ranks may wait in a collective that an orderly exit would join
 
 
 # device, precision, attention and distributed backends: what 'auto' means on this machine
@@ -232,6 +251,8 @@ signal.signal(signal.SIGINT, on_signal)
 # -----------------------------------------------------------------------------
 # resume: find and check the checkpoint before building anything
 os.makedirs(out_dir, exist_ok=True)
+for partial in checkpoint.remove_partial_files(out_dir) if master else []:
+    print(f"removed {partial}: a partial checkpoint that an interrupted save left (nothing reads it)")
 try:
     ckpt_path = checkpoint.to_resume(out_dir, init_from)
 except checkpoint.CheckpointError as e:
@@ -248,9 +269,12 @@ ckpt, weights_ckpt = (checkpoint.load(ckpt_path), None) if ckpt_path else (None,
 if init_weights and ckpt:
     print0(f"init_weights ignored: resuming the run in {out_dir} from {ckpt_path}")
 if init_weights and not ckpt:  # a new run from another run's weights: any parallel mode, param_dtype or optimizer
-    if not os.path.isfile(init_weights):
-        die(f"init_weights={init_weights!r} is not a file; give a checkpoint path such as out/run/ckpt-00001000.pt")
-    ckpt_path, weights_ckpt = init_weights, checkpoint.load(init_weights)
+    try:
+        ckpt_path = checkpoint.find(out_dir, init_weights, flag="init_weights")  # DIR/best: the best one of DIR
+    except checkpoint.CheckpointError as e:
+        die(str(e))
+    weights_ckpt = checkpoint.load(ckpt_path)
+    print0(f"starting from the weights of {ckpt_path} (init_weights={init_weights})")
 try:  # a run can continue only its own model and optimizer; init_weights needs only the same model
     if ckpt or weights_ckpt:
         checkpoint.check_resumable(ckpt or weights_ckpt, ckpt_path, model_config, cfg, world_size,
@@ -382,10 +406,19 @@ def save_checkpoint():
             "model_config": dataclasses.asdict(model_config), "config": cfg, "world_size": world_size,
             "data_states": data_states, "rng_states": rng_states, "best": best, "loss_ema": loss_ema,
         }
-        path = checkpoint.save(state, out_dir, step, keep_last, keep_step=best["step"] if keep_best and best else None)
-        print0(f"saved {path}")
-    if ddp:
-        dist.barrier(group=save_group)
+        try:
+            path = checkpoint.save(state, out_dir, step, keep_last,
+                                   keep_step=best["step"] if keep_best and best else None)
+            print0(f"saved {path}")
+            failure = None
+        except checkpoint.SaveError as e:  # a full disk: the partial file is gone, the earlier checkpoints intact
+            failure = str(e)
+    if ddp:  # every rank waits here for rank 0's verdict (in a gloo group whose timeout outlasts a long save)
+        verdict = [failure if master else None]
+        dist.broadcast_object_list(verdict, src=0, group=save_group)
+        failure = verdict[0]
+    if failure:
+        die(failure)
 
 
 # -----------------------------------------------------------------------------
@@ -676,6 +709,9 @@ stop_step = min(planned_steps, max_steps) if max_steps else planned_steps
 if master:
     print(describe_plan(model))
     print(f"MFU: {peak_note}")
+    space = checkpoint.space_warning(out_dir, checkpoint.expected_bytes(model, opt), keep_last, keep_best)
+    if space:
+        print(space, flush=True)
     start_log(step)
     # what this launch resolved the 'auto' settings to, for whoever reads the log (and tests) later
     log_record({"step": step, "run": {
@@ -705,12 +741,13 @@ while step < stop_step and tokens_seen < train_tokens:
     lr_now = peak_lr * multiplier  # the AdamW (or Adafactor) LR, logged
     for group in opt.param_groups:
         group["lr"] = group["peak_lr"] * multiplier
-    loss, batches = forward_backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    grad_norm = full_tensor(grad_norm)  # FSDP: the norm is a DTensor
-    healthy = torch.isfinite(loss) & torch.isfinite(grad_norm)
-    first_bad_step = torch.where((first_bad_step == 0) & ~healthy, step + 1, first_bad_step)
-    opt.step()  # a non-finite step still updates (no sync to know); it is caught below before anything is saved
+    with out_of_memory_stops_the_run():
+        loss, batches = forward_backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        grad_norm = full_tensor(grad_norm)  # FSDP: the norm is a DTensor
+        healthy = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        first_bad_step = torch.where((first_bad_step == 0) & ~healthy, step + 1, first_bad_step)
+        opt.step()  # a non-finite step still updates (no sync to know); it is caught below before anything is saved
     opt.zero_grad(set_to_none=True)
     step, tokens_seen, steps_this_run = step + 1, tokens_seen + tokens_per_step, steps_this_run + 1
     interval_steps += 1

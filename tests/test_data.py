@@ -327,6 +327,7 @@ def test_no_space_left_is_a_clear_error(tmp_path):
     os.symlink("/dev/full", tmp_path / "out/cosmopedia-v2/train-00000.bin.tmp")
     proc = run_prepare("--source", tmp_path / "hub", "--out", tmp_path / "out", "--val-docs", 0, check=False)
     assert proc.returncode == 1 and "no space left" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"(writing {tmp_path / 'out/cosmopedia-v2/train-00000.bin.tmp'})" in proc.stderr, proc.stderr
 
 
 def test_prepare_fsyncs_the_directory_after_each_rename(tmp_path, monkeypatch):

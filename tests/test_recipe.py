@@ -212,6 +212,18 @@ def test_keep_best_survives_rotation_and_resume(prepared_data, tmp_path):
     assert val[8]["val_loss/cosmopedia-v2"] > val[4]["val_loss/cosmopedia-v2"] + 1, val  # the later evaluations are worse
     assert checkpoint_steps(tmp_path) == [4, 8]  # the best, and the newest one (keep_last=1)
     assert checkpoint.load(checkpoint.latest(str(tmp_path)))["best"]["step"] == 4
+    # 'best' names it: sample.py (--ckpt_path=best, DIR/best), tools/export.py, init_weights=DIR/best
+    best_path = str(tmp_path / "ckpt-00000004.pt")
+    assert checkpoint.find(str(tmp_path), "best") == best_path == checkpoint.find("elsewhere", str(tmp_path / "best"))
+    for ckpt_arg in ("best", str(tmp_path / "best")):
+        proc = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}", f"--ckpt_path={ckpt_arg}",
+                               "--device=cpu", "--max_new_tokens=4"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and f"{best_path}: step 4," in proc.stderr, proc.stderr[-2000:]
+    from tools import export
+    assert export.load_model(str(tmp_path), "best")[1:] == (best_path, 4)
+    proc = train(tmp_path / "from_best", prepared_data, *args, "--max_steps=1", f"--init_weights={tmp_path / 'best'}")
+    assert f"starting from the weights of {best_path}" in proc.stdout, proc.stdout[-2000:]
     proc = train(tmp_path, prepared_data, *args, *wreck, "--max_steps=10")
     assert "best |" not in proc.stdout and checkpoint_steps(tmp_path) == [4, 10], proc.stdout
 

@@ -379,7 +379,7 @@ def test_bf16_weights_resume_exactly_and_weights_only_loading(prepared_data, tmp
 @pytest.mark.parametrize("param_dtype, optimizer, total", [("float32", "adamw", 16), ("bfloat16", "adamw", 8),
                                                            ("float32", "adafactor", 8), ("bfloat16", "adafactor", 4)])
 def test_bytes_per_parameter_counted_from_tensors(param_dtype, optimizer, total):
-    from tools import memory_estimate
+    import memory_estimate
     cfg = dict(family="llama", n_head=4, n_kv_head=2, tie_embeddings=True, qk_norm=False, param_dtype=param_dtype,
                optimizer=optimizer, dtype="float32" if param_dtype == "float32" else "bfloat16")
     per_param = memory_estimate.bytes_per_param(cfg)  # after a real step: the optimizer state exists
@@ -412,11 +412,11 @@ def test_bench_memory_on_smoke():
 
 
 def test_compiled_blocks_are_predicted_from_what_their_graphs_save(monkeypatch, capsys):
-    """With compile=True (train.py's default) tools/memory_estimate.py measures the compiled Block: inductor's graph saves fewer
+    """With compile=True (train.py's default) memory_estimate.py measures the compiled Block: inductor's graph saves fewer
     bytes per token than eager autograd (the H100 peaks measured with compile were 1-11% below the compiled
     predictions, 35-66% below the eager ones). The fixed part (the bf16 copies of the weights) and the head + loss,
     measured eagerly either way, stay the same."""
-    from tools import memory_estimate
+    import memory_estimate
     cfg = dict(family="deepone", n_layer=2, n_head=2, n_kv_head=2, d_model=64, d_ff=192, vocab_size=50304,
                block_size=256, param_dtype="float32")
     eager = memory_estimate.activation_bytes(cfg, "bfloat16")
@@ -436,7 +436,7 @@ def test_compiled_blocks_are_predicted_from_what_their_graphs_save(monkeypatch, 
 def test_1b7_preset_is_about_1_7b_and_predicted_to_fit_24_gb_under_ddp():
     import runpy
 
-    from tools import memory_estimate
+    import memory_estimate
     import settings
     cfg = {**settings.DEFAULTS, **runpy.run_path(str(ROOT / "config" / "deepone_1b7.py"))}
     with torch.device("meta"):

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
+import memory_estimate
 import optim
 import settings
 from configurator import configure
 from data import cu_seqlens_of
 from model import ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, recompute_interval, varlen_kernel
-from machine import check_float8, default_attn_impl, gpu_peak_tflops, peak_memory_gib, resolve
-from tools import memory_estimate
+from machine import check_float8, default_attn_impl, gpu_peak_tflops, is_out_of_memory, peak_memory_gib, resolve
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the core and config/
 BENCH_DEFAULTS = {
@@ -457,7 +457,7 @@ def header(cfg):
 
 
 def bench_memory(cfg):
-    """Predicted per-rank peak memory of a train step (tools/memory_estimate.py) against gpu_gb; on CUDA also the measured peak of
+    """Predicted per-rank peak memory of a train step (memory_estimate.py) against gpu_gb; on CUDA also the measured peak of
     real steps at this config (one rank: the FSDP figures of more ranks are predicted only)."""
     device, _ = resolve_device_dtype(cfg)
     # the prediction is for a GPU: dtype 'auto' means bf16 there, whatever this machine's default
@@ -526,12 +526,15 @@ def main():
             if values:
                 combos = [{**c, key: v} for c in combos for v in values]
         records = [record for c in combos for record in run_child(cfg, c)]
-    elif cfg["what"] in ("train", "reference"):
-        records = (bench_train if cfg["what"] == "train" else bench_reference)(cfg)
     else:
-        what = {"loader": bench_loader, "prepare": bench_prepare, "profile": bench_profile, "memory": bench_memory,
-                "tasks": bench_tasks}
-        records = [what[cfg["what"]](cfg)]
+        try:
+            records = measure(cfg)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(e):
+                raise
+            device, dtype = resolve_device_dtype(cfg)
+            raise SystemExit("bench.py: " + memory_estimate.out_of_memory_message(
+                {**cfg, "device": device, "dtype": dtype}, f"a step of {batch_text(cfg)}")) from None
     if cfg["json"]:
         for r in records:
             print(json.dumps(r))
@@ -549,6 +552,15 @@ def main():
         print(" | ".join(v.ljust(w) for v, w in zip(row, widths)))
     if verdict:
         print(verdict)  # the last line: 'fits: ...' or 'does not fit: ...'
+
+
+def measure(cfg):
+    """The records of cfg's measurement (--what), in this process."""
+    if cfg["what"] in ("train", "reference"):
+        return (bench_train if cfg["what"] == "train" else bench_reference)(cfg)
+    what = {"loader": bench_loader, "prepare": bench_prepare, "profile": bench_profile, "memory": bench_memory,
+            "tasks": bench_tasks}
+    return [what[cfg["what"]](cfg)]
 
 
 def limit_memory(cfg):

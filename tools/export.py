@@ -4,6 +4,7 @@ AutoModelForCausalLM / AutoTokenizer, lm-evaluation-harness and everything built
 
     python -m tools.export --out_dir=out/run --to=hf/run                  # the newest checkpoint of a run
     python -m tools.export --ckpt_path=out/run/ckpt-00001000.pt --to=hf/run
+    python -m tools.export --out_dir=out/run --ckpt_path=best --to=hf/run   # the lowest mean val loss (keep_best)
     python -m tools.export --out_dir=out/run --to=hf/run --dtype=bfloat16 # half the size on disk
 
 What it writes in --to: config.json, model.safetensors, generation_config.json, and the GPT-2 tokenizer (tokenizer.json,
@@ -59,10 +60,10 @@ def need(package):
 
 def load_model(out_dir, ckpt_path):
     """(smoltrain Transformer in fp32 eval mode, checkpoint path, step) from ckpt_path or out_dir's newest."""
-    path = ckpt_path or checkpoint.latest(out_dir)
-    if not path or not os.path.exists(path):
-        where = f"--ckpt_path={ckpt_path} does not exist" if ckpt_path else f"no checkpoint (ckpt-*.pt) in {out_dir}"
-        raise ExportError(f"{where}; train first (python train.py ...) or point --out_dir/--ckpt_path at a run")
+    try:
+        path = checkpoint.find(out_dir, ckpt_path)
+    except checkpoint.CheckpointError as e:
+        raise ExportError(str(e)) from None
     # sdpa runs everywhere and keeps documents apart; the training backend (flex, flash) is no part of the weights
     try:
         model, ckpt = checkpoint.load_model(path, attn_impl="sdpa")

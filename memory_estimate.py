@@ -1,5 +1,6 @@
 """
-Predict the peak device memory of one training step for a config, per rank: bench.py --what=memory.
+Predict the peak device memory of one training step for a config, per rank: bench.py --what=memory, and the
+message of a step that ran out of memory (train.py, bench.py).
 
     python -m tools.bench config/deepone_1b7.py --what=memory --gpu_gb=24
     python -m tools.bench config/deepone_1b7.py --what=memory --parallel=fsdp --ranks=8 --gpu_gb=24
@@ -26,6 +27,7 @@ from contextlib import nullcontext
 import torch
 
 import optim
+from machine import memory_of
 from model import ModelConfig, Transformer, recompute_interval, rope_tables
 
 GiB = 2**30
@@ -160,3 +162,27 @@ def predict(cfg, ranks):
             "activations_GB": gb(activations), "act_MB_per_1k_tokens_per_layer": round(per_token * 1000 / 2**20, 2),
             "fsdp_gathered_GB": gb(gathered), "optimizer_step_temp_GB": gb(step_temp),
             "predicted_peak_GB": gb(peak)}
+
+
+def out_of_memory_message(cfg, where, ranks=1):
+    """One message for a step (where) that ran out of memory under cfg (device and dtype resolved): the device's
+    memory, the peak predict() gives for cfg, and the keys that shrink it, each with its value for this run."""
+    name, total = memory_of(cfg["device"])
+    try:
+        prediction = (f"memory_estimate.py predicts a peak of {predict(cfg, ranks)['predicted_peak_GB']:.2f} GiB per "
+                      f"rank for this config")
+    except Exception as e:  # the advice stands without it
+        prediction = f"no prediction of its peak ({type(e).__name__}: {e})"
+    ways = []
+    if cfg["batch_size"] > 1:
+        smaller = cfg["batch_size"] // 2 if cfg["batch_size"] % 2 == 0 else 1
+        ways.append(f"--batch_size={smaller} --grad_accum={cfg['grad_accum'] * cfg['batch_size'] // smaller} (the "
+                    f"same tokens per step)")
+    if cfg["activation_checkpointing"] not in ("all", 1):
+        ways.append("--activation_checkpointing=all (activations recomputed in backward)")
+    if cfg["param_dtype"] == "float32":
+        ways.append("--param_dtype=bfloat16 (8 bytes a parameter, not 16)")
+    if cfg["parallel"] != "fsdp":
+        ways.append("--parallel=fsdp under torchrun (weights, gradients and optimizer state sharded over the ranks)")
+    return (f"out of memory in {where} on {name} ({total / GiB:.1f} GiB); {prediction}. "
+            + (f"To shrink it: {'; '.join(ways)}." if ways else "Use a smaller model or block_size."))
