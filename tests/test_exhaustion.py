@@ -97,15 +97,16 @@ def test_a_run_that_fills_its_disk_stops_cleanly_and_resumes_bit_exactly(tmp_pat
     assert resumed[8]["param_checksum"] == records(ref)[8]["param_checksum"]
 
 
-def test_two_ranks_stop_together_when_the_disk_fills(tmp_path, prepared_data):
-    """Under torchrun (2 gloo ranks, DDP), rank 0's failed save stops both ranks with the message: none waits in a
-    collective for a rank that is gone."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_stop_together_when_the_disk_fills(tmp_path, prepared_data, parallel):
+    """Under torchrun (2 gloo ranks, DDP and FSDP2), rank 0's failed save stops both ranks with the message: none
+    waits in a collective for a rank that is gone."""
     if not can_mount_tmpfs(tmp_path):
         pytest.skip("this machine cannot mount a tmpfs in a user namespace (unshare -Urm): no small disk to fill")
     ref = tmp_path / "ref"
-    train(ref, prepared_data, *BASE2, "--max_steps=4", ranks=2)
+    train(ref, prepared_data, *BASE2, "--max_steps=4")  # one process: the size of a checkpoint of this model
     size = os.path.getsize(ref / "ckpt-00000004.pt")
-    args = " ".join([f"--data_dir={prepared_data}", "--out_dir=$DISK/run", *BASE2])
+    args = " ".join([f"--data_dir={prepared_data}", "--out_dir=$DISK/run", *BASE2, f"--parallel={parallel}"])
     out = tmp_path / "out"
     out.mkdir()
     launch = " ".join(command(2))

@@ -238,6 +238,30 @@ def test_gpu_compile_layers_no_recompiles_over_5_batches(attn_impl):
 
 
 @cuda_only(NO_CUDA)
+def test_gpu_cuda_graphs_stay_correct_over_batches_of_varying_documents():
+    """compile_mode='reduce-overhead' (CUDA graphs, replayed on static buffers): over 4 batches packed with different
+    numbers of documents, each flex step's loss and gradients equal eager attention's on the same batch, so a graph
+    recorded for one batch's masks never replays another's; no recompile after the first batch."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    ref = tiny("eager").cuda()
+    model = tiny("flex_attention").cuda().compile_layers(mode="reduce-overhead")
+    try:
+        for step in range(4):
+            idx, doc, cu = (t.cuda() for t in packed_batch(seed=step))
+            torch._dynamo.config.error_on_recompile = step > 0
+            ref.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
+            want_loss, want = gpu_grads(ref, idx, doc, cu)
+            got_loss, got = gpu_grads(model, idx, doc, cu)
+            torch.testing.assert_close(got_loss, want_loss, atol=2e-2, rtol=1e-2)
+            for (name, _), g, w in zip(ref.named_parameters(), got, want):
+                assert_close_rel(g, w, 5e-2, f"batch {step}: {name}")
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+
+
+@cuda_only(NO_CUDA)
 def test_gpu_train_10_steps(prepared_data, tmp_path):
     proc = run("train.py", "--n_layer=2", "--n_head=2", "--d_model=64", "--block_size=256", "--batch_size=4",
                f"--data_dir={prepared_data}", f"--out_dir={tmp_path}", "--device=cuda", "--max_steps=10",
