@@ -261,7 +261,7 @@ class ModelLM(TemplateLM):
             h = model.hidden(x, model.build_mask(doc_ids, *x.shape, x.device)).flatten(0, 1)
             # the head over the continuation tokens only, in chunks: never [tokens, vocab] logits for a whole batch
             for chunk in torch.arange(len(positions), device=dev).split(model.config.loss_chunk_size):
-                logits = model.lm_head(h[positions[chunk]]).float()
+                logits = model.logits(h[positions[chunk]])
                 logprobs = logits.log_softmax(-1).gather(1, targets[chunk, None]).squeeze(1)
                 sums.index_add_(0, slots[chunk], logprobs.double())
                 misses.index_add_(0, slots[chunk], (logits.argmax(-1) != targets[chunk]).double())

@@ -146,7 +146,8 @@ def predict(cfg, ranks):
     activations = (n_kept * (fixed + per_token * tokens) + n_ckpt * x_bytes * tokens
                    + (fixed + per_token * tokens if n_ckpt else 0)  # one checkpointed Block recomputed in backward
                    + head_fixed + head_per_token * tokens
-                   + 2 * min(cfg["loss_chunk_size"], tokens) * cfg["vocab_size"] * 4)  # fp32 logits chunk + matmul
+                   # fp32 logits chunk + matmul, and the softcap's slope
+                   + (3 if cfg.get("logit_softcap") else 2) * min(cfg["loss_chunk_size"], tokens) * cfg["vocab_size"] * 4)
     compute_bytes = 2 if dtype == "bfloat16" else 4
     stored_bytes = 4 if cfg["param_dtype"] == "float32" else 2
     # weights + fp32 grads: the Blocks gathered in the compute dtype, the root (embedding, head) in its stored dtype

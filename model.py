@@ -51,6 +51,8 @@ class ModelConfig:
     qk_norm: bool | None = None     # None -> True for deepone and qwen3, False for llama
     attn_impl: str = "sdpa"
     loss_chunk_size: int = 4096     # rows of the flattened [B*T, d_model] hidden states per head+loss chunk
+    logit_softcap: float = 0.0      # > 0: logits c tanh(z / c), inside the chunked head+loss (0: off; see
+    #                                 Transformer.logits)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -63,6 +65,8 @@ class ModelConfig:
         small = [f"{k}={v}" for k, v in sizes.items() if v is not None and v < 1]  # None: the default, below
         if small:
             raise ValueError(f"{', '.join(small)}: model sizes must be >= 1")
+        if not self.logit_softcap >= 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap}: a cap c > 0 (logits c tanh(z / c)), or 0 for none")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.qk_norm is None:
@@ -381,10 +385,11 @@ def recompute_interval(policy):
 # Memory-lean head + loss. Plain F.cross_entropy(lm_head(h).float(), targets) holds [B*T, vocab] logits in bf16
 # and fp32 plus their gradient: 8 x 4096 x 50304 x 10 bytes = 16 GB. Here one chunk of rows lives at a time.
 
-def _linear_cross_entropy(h, weight, targets, chunk_size, with_grads, per_row=False):
+def _linear_cross_entropy(h, weight, targets, chunk_size, with_grads, per_row=False, softcap=0.0):
     """Mean cross-entropy of h @ weight.T [N, V] against targets [N] (-100 = ignore), chunk_size rows at a time.
     with_grads also returns d loss / d h and d loss / d weight; per_row (without grads) returns each row's
-    cross-entropy [N] instead of the mean (0 for ignored rows)."""
+    cross-entropy [N] instead of the mean (0 for ignored rows). softcap > 0 caps the logits z to c tanh(z / c)
+    first (its gradient, 1 - tanh^2, costs one more chunk of fp32 logits while training)."""
     valid = targets != -100
     row_weight = valid / valid.sum().clamp(min=1)  # a tensor: no host sync. No targets at all gives 0, not nan
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -401,6 +406,10 @@ def _linear_cross_entropy(h, weight, targets, chunk_size, with_grads, per_row=Fa
         hc, wc = h[s:s + chunk_size].to(dtype), row_weight[s:s + chunk_size, None]
         tc = targets[s:s + chunk_size, None].clamp(min=0)  # ignored rows point at class 0, then get weight 0
         logits = F.linear(hc, w).float()  # the matmul runs in the autocast dtype, the softmax in fp32
+        if softcap:
+            logits = logits.div_(softcap).tanh_()
+            slope = 1 - logits.square() if with_grads else None  # d cap / d z, before the in-place softmax below
+            logits = logits.mul_(softcap)
         target_logit = logits.gather(1, tc)
         row_max = logits.amax(dim=-1, keepdim=True)
         probs = logits.sub_(row_max).exp_()  # in place: a chunk's logits are not needed again
@@ -410,7 +419,8 @@ def _linear_cross_entropy(h, weight, targets, chunk_size, with_grads, per_row=Fa
             continue
         loss = loss + ((row_max + sum_exp.log() - target_logit) * wc).sum()
         if with_grads:  # d loss / d logits = (softmax - onehot(target)) * row_weight
-            dlogits = probs.mul_(wc / sum_exp).scatter_add_(1, tc, -wc).to(dtype)
+            dlogits = probs.mul_(wc / sum_exp).scatter_add_(1, tc, -wc)
+            dlogits = (dlogits.mul_(slope) if softcap else dlogits).to(dtype)
             grad_h[s:s + chunk_size] = dlogits @ w
             grad_w += dlogits.t() @ hc
     if per_row:
@@ -424,32 +434,35 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     # grad_h takes the place of the h that backward would otherwise keep; grad_w is weight-sized, as its .grad
     # will be. Backward only scales them by the incoming gradient (a loss / grad_accum, say).
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size):
-        loss, grad_h, grad_w = _linear_cross_entropy(h, weight, targets, chunk_size, with_grads=True)
+    def forward(ctx, h, weight, targets, chunk_size, softcap):
+        loss, grad_h, grad_w = _linear_cross_entropy(h, weight, targets, chunk_size, with_grads=True, softcap=softcap)
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
 
 
 class LinearCrossEntropy(nn.Module):
-    """loss = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100), without the full logits.
-    A module (no parameters of its own) so that compile_layers can compile it."""
+    """loss = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100), without the full logits
+    (the logits capped to c tanh(z / c) first with softcap c > 0). A module (no parameters of its own) so that
+    compile_layers can compile it."""
 
-    def __init__(self, chunk_size):
+    def __init__(self, chunk_size, softcap=0.0):
         super().__init__()
-        self.chunk_size = chunk_size
+        self.chunk_size, self.softcap = chunk_size, softcap
 
     def forward(self, h, weight, targets, per_row=False):
         if per_row:  # evaluation: each row's cross-entropy, for sums over chosen tokens (bits per byte)
             with torch.no_grad():
-                return _linear_cross_entropy(h, weight, targets, self.chunk_size, with_grads=False, per_row=True)[0]
+                return _linear_cross_entropy(h, weight, targets, self.chunk_size, with_grads=False, per_row=True,
+                                             softcap=self.softcap)[0]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropyFn.apply(h, weight, targets, self.chunk_size)
-        return _linear_cross_entropy(h, weight, targets, self.chunk_size, with_grads=False)[0]  # eval: no grads
+            return _LinearCrossEntropyFn.apply(h, weight, targets, self.chunk_size, self.softcap)
+        return _linear_cross_entropy(h, weight, targets, self.chunk_size, with_grads=False,  # eval: no grads
+                                     softcap=self.softcap)[0]
 
 
 class Transformer(nn.Module):
@@ -462,7 +475,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.loss_fn = LinearCrossEntropy(config.loss_chunk_size)
+        self.loss_fn = LinearCrossEntropy(config.loss_chunk_size, config.logit_softcap)
         if config.attn_impl == "flex_attention":
             compile_flex_kernels()
         self.reset_parameters()
@@ -534,9 +547,17 @@ class Transformer(nn.Module):
         h = self.hidden(idx, self.build_mask(doc_ids, B, T, idx.device, cu_seqlens))
         with torch.profiler.record_function("head+loss"):  # a named range: a profile shows the head apart
             if targets is None:
-                return self.lm_head(h).float(), None
+                return self.logits(h), None
             loss = self.loss_fn(h.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), per_row=per_token)
             return None, loss.view(B, T) if per_token else loss
+
+    def logits(self, h):
+        """fp32 logits of final hidden states h, capped to c tanh(z / c) with logit_softcap c > 0 (Gemma 2, arXiv
+        2408.00118; nanochat uses c = 15): a bounded logit keeps the softmax from growing overconfident. Every
+        logit path goes through here; the loss computes the same inside its chunks."""
+        z = self.lm_head(h).float()
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(z / cap) if cap else z
 
     def set_activation_checkpointing(self, policy):
         """'none' | 'all' | k (int): every k-th Block (1 = all) keeps only its input for backward and recomputes
@@ -602,7 +623,7 @@ class Transformer(nn.Module):
                     tokens = idx[:, -bs:]
                 else:
                     tokens = idx[:, -1:]
-                logits = self.lm_head(self.hidden(tokens, None, cache)[:, -1]).float()
+                logits = self.logits(self.hidden(tokens, None, cache)[:, -1])
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -61,6 +61,7 @@ qk_norm = None  # None = the family's default
 attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) | 'eager' | 'sdpa' | 'flex_attention'
 #                     | 'flash_attention_2'
 loss_chunk_size = 4096  # rows of hidden states per chunk of the fused head + cross-entropy
+logit_softcap = 0.0  # > 0: logits capped to c tanh(z / c) (Gemma 2; nanochat 15); 0: off
 # optimizer
 optimizer = "muon"  # 'muon' (optim.Muon on the Blocks' weight matrices, AdamW with lr on embedding, head, gains;
 #                     the measured best, dev/LOG.md "Recipe") | 'adamw' (torch's, fused on CUDA; optim.AdamW for bf16

@@ -24,7 +24,8 @@ EOT = 50256
 FAMILIES = {  # each a different export path: Llama class, Qwen3 class (tied, rope_theta), trust_remote_code
     "llama": ["--family=llama", "--n_kv_head=2"],
     "qwen3": ["--family=qwen3", "--n_kv_head=2", "--tie_embeddings=True", "--rope_theta=500000.0"],
-    "deepone": ["--family=deepone", "--eval_interval=3", "--eval_iters=1", "--sample_interval=3"],
+    "deepone": ["--family=deepone", "--eval_interval=3", "--eval_iters=1", "--sample_interval=3",
+                "--logit_softcap=2.0"],  # a cap that binds on some logits: the export computes it too
 }
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=4", "--d_model=32", "--block_size=64", "--batch_size=2",
         "--compile=False", "--dtype=float32", "--max_steps=3", "--train_tokens=4096", "--warmup_tokens=128",
@@ -142,6 +143,15 @@ def test_exported_logits_and_greedy_tokens_equal_smoltrain(family, runs, exporte
         logits = theirs(pad, attention_mask=mask).logits
         assert (logits[0, 5:] - ours(x[:1, :20])[0][0]).abs().max() <= 1e-4
         assert (logits[1] - ours(x[1:, :25])[0][0]).abs().max() <= 1e-4
+
+
+def test_a_model_option_transformers_lacks_exports_through_model_py():
+    """logit_softcap has no Llama/Qwen3 equivalent: auto exports through model.py, --target=transformers refuses."""
+    from tools import export
+    capped = ModelConfig(family="llama", logit_softcap=15.0)
+    assert export.pick_architecture(capped, "auto") == "remote_code"
+    with pytest.raises(export.ExportError, match=r"model settings \['logit_softcap'\] have no transformers"):
+        export.pick_architecture(capped, "transformers")
 
 
 def test_tokenizer_matches_tiktoken(exported):

@@ -252,22 +252,30 @@ def test_smoke_model_memorizes_a_batch():
 # ---------------------------------------------------------------------------------------------------------------
 # Lean head + loss
 
-@pytest.mark.parametrize("chunk_size", [7, 16, 1000])
-def test_lean_loss_matches_plain_cross_entropy(chunk_size):
+@pytest.mark.parametrize("chunk_size, softcap", [(7, 0.0), (16, 0.0), (1000, 0.0), (7, 3.0), (1000, 3.0)])
+def test_lean_loss_matches_plain_cross_entropy(chunk_size, softcap):
+    """Value and gradients of the chunked loss equal plain cross-entropy's, with logits capped to c tanh(z / c)
+    when softcap c > 0 (3 here, below most of these logits' size: the cap binds); each row's loss too (evaluation)."""
     torch.manual_seed(0)
     h = torch.randn(50, 32, requires_grad=True)
     w = torch.randn(V, 32, requires_grad=True)
     targets = torch.randint(0, V, (50,))
     targets[::4] = -100
-    want = F.cross_entropy(F.linear(h, w).float(), targets, ignore_index=-100)
+    logits = F.linear(h, w).float()
+    if softcap:
+        assert (logits.abs() > softcap).float().mean() > 0.5
+        logits = softcap * torch.tanh(logits / softcap)
+    want = F.cross_entropy(logits, targets, ignore_index=-100)
     want_gh, want_gw = torch.autograd.grad(want * 0.5, (h, w))  # a scaled loss, as with grad accumulation
-    got = LinearCrossEntropy(chunk_size)(h, w, targets)
+    got = LinearCrossEntropy(chunk_size, softcap)(h, w, targets)
     got_gh, got_gw = torch.autograd.grad(got * 0.5, (h, w))
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_gh, want_gh)
     torch.testing.assert_close(got_gw, want_gw)
     with torch.no_grad():
-        torch.testing.assert_close(LinearCrossEntropy(chunk_size)(h, w, targets), want)
+        torch.testing.assert_close(LinearCrossEntropy(chunk_size, softcap)(h, w, targets), want)
+        rows = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+        torch.testing.assert_close(LinearCrossEntropy(chunk_size, softcap)(h, w, targets, per_row=True), rows)
 
 
 def test_lean_loss_under_autocast_casts_the_head_weight_once():
@@ -305,14 +313,19 @@ def test_lean_loss_under_autocast_casts_the_head_weight_once():
     torch.testing.assert_close(got_gw, want_gw, atol=2e-3, rtol=1e-2)
 
 
-@pytest.mark.parametrize("family, tied", [("llama", True), ("deepone", False)])
-def test_model_loss_matches_logits_path(family, tied):
+@pytest.mark.parametrize("family, tied, softcap", [("llama", True, 0.0), ("deepone", False, 0.0),
+                                                   ("deepone", False, 0.3)])
+def test_model_loss_matches_logits_path(family, tied, softcap):
     """The chunked loss of forward(idx, targets) equals cross-entropy on forward(idx)'s logits, in value and in
-    every gradient, the tied embedding/head matrix included."""
+    every gradient, the tied embedding/head matrix included, and with logit_softcap (0.3: it binds on the largest
+    logits of a freshly initialised model, up to about 0.55) on both paths."""
     idx, doc = packed(T=64)
     targets = idx.roll(-1, dims=1)
     targets[:, ::5] = -100
-    lean, plain = (tiny(family, tie_embeddings=tied, loss_chunk_size=24) for _ in range(2))
+    lean, plain = (tiny(family, tie_embeddings=tied, loss_chunk_size=24, logit_softcap=softcap) for _ in range(2))
+    if softcap:
+        logits = plain.lm_head(plain.hidden(idx, plain.build_mask(doc, *idx.shape, idx.device))).float()
+        assert logits.abs().max() > 1.5 * softcap and plain(idx, doc_ids=doc)[0].abs().max() <= softcap
     assert (lean.lm_head.weight is lean.tok_emb.weight) == tied
     _, loss = lean(idx, targets, doc_ids=doc)
     logits, _ = plain(idx, doc_ids=doc)
@@ -327,9 +340,9 @@ def test_model_loss_matches_logits_path(family, tied):
 # ---------------------------------------------------------------------------------------------------------------
 # Generation, utilities, errors
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_kv_cache_matches_no_cache(family):
-    model = tiny(family, block_size=16)  # 5 + 20 tokens: the window slides past block_size
+@pytest.mark.parametrize("family, softcap", [*((f, 0.0) for f in FAMILIES), ("deepone", 0.3)])
+def test_generate_kv_cache_matches_no_cache(family, softcap):
+    model = tiny(family, block_size=16, logit_softcap=softcap)  # 5 + 20 tokens: the window slides past block_size
     prompt = torch.randint(0, V, (2, 5))
     greedy = model.generate(prompt, 20, top_k=1)
     assert greedy.shape == (2, 25) and torch.equal(greedy[:, :5], prompt)
