@@ -32,6 +32,7 @@ import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 FAMILIES = ("deepone", "llama", "qwen3")
+FFNS = ("glu", "relu2")
 ATTN_IMPLS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
 
 
@@ -44,7 +45,8 @@ class ModelConfig:
     n_head: int = 12
     n_kv_head: int | None = None    # None -> n_head (no grouped-query attention)
     d_model: int = 768
-    d_ff: int | None = None         # None -> 8/3 d_model rounded up to a multiple of 256, see __post_init__
+    d_ff: int | None = None         # None -> 8/3 d_model rounded up to a multiple of 256 (glu), 4 d_model (relu2)
+    ffn: str = "glu"                # 'glu': the family's GLU; 'relu2': down(relu(up(x))^2), see FeedForward
     rope_theta: float = 10000.0     # Qwen3 uses 1e6: config/qwen3_138m.py sets it
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
@@ -71,6 +73,10 @@ class ModelConfig:
             self.n_kv_head = self.n_head
         if self.qk_norm is None:
             self.qk_norm = self.family != "llama"
+        if self.ffn not in FFNS:
+            raise ValueError(f"ffn={self.ffn!r} is unknown; choose one of {', '.join(FFNS)}")
+        if self.d_ff is None and self.ffn == "relu2":
+            self.d_ff = 4 * self.d_model  # two matrices of 4d: the parameters of the 8/3 d GLU's three
         if self.d_ff is None:
             # A GLU has three matrices: 8/3 d keeps it at the size of a 4d two-matrix MLP (arXiv 2002.05202);
             # rounding up to a multiple of 256 is Llama's rule (768 -> 2048, 640 -> 1792, 512 -> 1536).
@@ -328,18 +334,25 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GLU feed-forward, down(act(gate(x)) * up(x)) (arXiv 2002.05202): ReLU for deepone (its activations are
-    sparse, ReLU Strikes Back arXiv 2310.04564), SiLU (SwiGLU) for llama and qwen3."""
+    """ffn='glu': GLU feed-forward, down(act(gate(x)) * up(x)) (arXiv 2002.05202): ReLU for deepone (its activations
+    are sparse, ReLU Strikes Back arXiv 2310.04564), SiLU (SwiGLU) for llama and qwen3. ffn='relu2': two matrices,
+    down(relu(up(x))^2) (Primer, arXiv 2109.08668; nanochat's and modded-nanogpt's MLP), any family."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False) if cfg.ffn == "glu" else None
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.act = F.relu if cfg.family == "deepone" else F.silu
 
     def forward(self, x):
+        if self.gate is None:
+            return self.down(F.relu(self.up(x)).square())
         return self.down(self.act(self.gate(x)) * self.up(x))
+
+    def inputs(self):
+        """The matrices that read the layer's input (gate and up, or up alone)."""
+        return [lin for lin in (self.gate, self.up) if lin is not None]
 
 
 class Block(nn.Module):
@@ -494,12 +507,12 @@ class Transformer(nn.Module):
                 # on the FFN, value and output projections, gain 1 on query and key.
                 for lin in (a.q_proj, a.k_proj):
                     nn.init.xavier_normal_(lin.weight, gain=1.0)
-                for lin in (a.v_proj, a.o_proj, f.gate, f.up, f.down):
+                for lin in (a.v_proj, a.o_proj, *f.inputs(), f.down):
                     nn.init.xavier_normal_(lin.weight, gain=beta)
             else:
                 # GPT-2 practice: N(0, 0.02), with the two projections that write into the residual stream
                 # shrunk by 1/sqrt(2N) so the residual's variance does not grow with depth.
-                for lin in (a.q_proj, a.k_proj, a.v_proj, f.gate, f.up):
+                for lin in (a.q_proj, a.k_proj, a.v_proj, *f.inputs()):
                     nn.init.normal_(lin.weight, std=0.02)
                 for lin in (a.o_proj, f.down):
                     nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))

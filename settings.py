@@ -53,7 +53,8 @@ n_layer = 12
 n_head = 12
 n_kv_head = None  # None = n_head
 d_model = 768
-d_ff = None  # None = the family's default
+d_ff = None  # None = the default of ffn: 8/3 d_model rounded up to 256 (glu), 4 d_model (relu2)
+ffn = "glu"  # 'glu' (the family's GLU: ReLU for deepone, SiLU for llama and qwen3) | 'relu2' (down(relu(up x)^2))
 rope_theta = 10000.0
 norm_eps = 1e-6
 tie_embeddings = False
@@ -110,7 +111,7 @@ CHOICES = {
     "init_from": ("scratch", "resume", "auto"), "save_strategy": ("steps", "epoch", "no"),
     "device": ("auto", "cuda", "cpu"), "backend": ("auto", "nccl", "gloo"), "dtype": ("auto", "bfloat16", "float32"),
     "optimizer": ("adamw", "adafactor", "muon"), "parallel": ("ddp", "fsdp"), "param_dtype": ("float32", "bfloat16"),
-    "lr_schedule": ("cosine", "wsd"),
+    "lr_schedule": ("cosine", "wsd"), "ffn": ("glu", "relu2"),
     "attn_impl": ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }

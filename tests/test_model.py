@@ -249,6 +249,32 @@ def test_smoke_model_memorizes_a_batch():
     assert loss.item() < 0.1 * math.log(512)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relu2_feed_forward_shapes_init_and_output(family):
+    """ffn='relu2': two matrices (up, down) of d_ff = 4 d_model by default, the parameters of the GLU's three at
+    8/3 d_model; down(relu(up x)^2); initialised as the GLU's matrices are (deepone: xavier with DeepNet's beta;
+    llama, qwen3: N(0, 0.02), down shrunk by 1/sqrt(2N)); both matrices go to Muon."""
+    model = tiny(family, ffn="relu2")
+    ffn = model.layers[0].ffn
+    assert ffn.gate is None and ffn.up.weight.shape == (256, 64) and ffn.down.weight.shape == (64, 256)
+    assert model.config.d_ff == 4 * 64 and tiny(family, ffn="relu2", d_ff=96).config.d_ff == 96
+    assert sum(p.numel() for p in ffn.parameters()) == 2 * 64 * 256
+    x = torch.randn(3, 5, 64)
+    torch.testing.assert_close(ffn(x), F.relu(x @ ffn.up.weight.T).square() @ ffn.down.weight.T)
+    if family == "deepone":
+        beta = deepnet_constants(2)[1]
+        for lin in (ffn.up, ffn.down):  # xavier_normal: std = gain sqrt(2 / (fan_in + fan_out))
+            assert lin.weight.std().item() == pytest.approx(beta * math.sqrt(2 / (64 + 256)), rel=0.05)
+    else:
+        assert ffn.up.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert ffn.down.weight.std().item() == pytest.approx(0.02 / math.sqrt(4), rel=0.05)
+    groups = {name: g for name, g in optim.param_groups(model, 0.0, muon=True)}
+    muon = [p for g in groups.values() if g["muon"] for p in g["params"]]
+    assert any(p is ffn.up.weight for p in muon) and any(p is ffn.down.weight for p in muon)
+    with pytest.raises(ValueError, match="ffn='swiglu' is unknown; choose one of glu, relu2"):
+        ModelConfig(ffn="swiglu")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Lean head + loss
 
@@ -340,9 +366,10 @@ def test_model_loss_matches_logits_path(family, tied, softcap):
 # ---------------------------------------------------------------------------------------------------------------
 # Generation, utilities, errors
 
-@pytest.mark.parametrize("family, softcap", [*((f, 0.0) for f in FAMILIES), ("deepone", 0.3)])
-def test_generate_kv_cache_matches_no_cache(family, softcap):
-    model = tiny(family, block_size=16, logit_softcap=softcap)  # 5 + 20 tokens: the window slides past block_size
+@pytest.mark.parametrize("family, options", [*((f, {}) for f in FAMILIES), ("deepone", {"logit_softcap": 0.3}),
+                                             ("deepone", {"ffn": "relu2"})])
+def test_generate_kv_cache_matches_no_cache(family, options):
+    model = tiny(family, block_size=16, **options)  # 5 + 20 tokens: the window slides past block_size
     prompt = torch.randint(0, V, (2, 5))
     greedy = model.generate(prompt, 20, top_k=1)
     assert greedy.shape == (2, 25) and torch.equal(greedy[:, :5], prompt)
