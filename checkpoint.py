@@ -136,10 +136,10 @@ def tensor_bytes(obj):
 
 
 def expected_bytes(model, optimizer):
-    """About the size of this run's checkpoints, known before the first step: the full weights (a tied weight
-    once) and the optimizer state they will have after it (optim.full_state_bytes)."""
-    weights = {p.data_ptr(): p for p in model.parameters()}.values()  # a DTensor's shape and size are the full ones
-    return sum(p.numel() * p.element_size() for p in weights) + optim.full_state_bytes(optimizer)
+    """About the size of this run's checkpoints, known before the first step: the full weights (model.parameters()
+    yields a tied weight once; a DTensor's numel is the full one) and the optimizer state they will have after it
+    (optim.full_state_bytes)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + optim.full_state_bytes(optimizer)
 
 
 def space_warning(out_dir, checkpoint_bytes, keep_last, keep_best):

@@ -96,9 +96,9 @@ device = "auto"  # 'auto' (cuda if available) | 'cuda' | 'cpu' (cpu = no acceler
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA and on CPUs with native bf16, else float32) | 'bfloat16' | 'float32'
 compile = True  # torch.compile the model's layers (model.compile_layers, before the DDP wrap) and optimizer kernels
 compile_mode = "default"  # torch.compile mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
+#                           | 'max-autotune-no-cudagraphs'; 'default' until another one is measured faster
 float8 = False  # FP8 matmuls in the Blocks' linear layers (torchao's float8 training; pip install torchao): a CUDA GPU
 #                 of compute capability 8.9+ (H100, H200, L4, L40S, RTX 4090)
-#                           | 'max-autotune-no-cudagraphs'; 'default' until another one is measured faster
 param_dtype = "float32"  # weights, grads, optimizer state: 'float32' (16 B/param) | 'bfloat16' (8 B/param, optim.py)
 activation_checkpointing = None  # None or 'none' | 'all' | k (every k-th layer): recompute activations in backward
 peak_tflops = 0.0  # one device's dense bf16 peak for MFU; 0 = look up the GPU's name
