@@ -258,7 +258,7 @@ class ModelLM(TemplateLM):
         slots = torch.tensor([s for r in rows for s in r[4]], dtype=torch.long).to(dev)
         model = self.model
         with self.autocast:
-            h = model.hidden(x, model.build_mask(doc_ids, *x.shape, x.device)).flatten(0, 1)
+            h = model.hidden(x, doc_ids).flatten(0, 1)
             # the head over the continuation tokens only, in chunks: never [tokens, vocab] logits for a whole batch
             for chunk in torch.arange(len(positions), device=dev).split(model.config.loss_chunk_size):
                 logits = model.logits(h[positions[chunk]])

@@ -96,13 +96,15 @@ def activation_bytes(cfg, dtype):
 
     def block_bytes(T):
         x = torch.randn(1, T, full.d_model, dtype=x_dtype, requires_grad=True)
+        x0 = torch.randn(1, T, full.d_model, dtype=x_dtype) if full.x0_mixing else None
+        idx = torch.randint(0, full.vocab_size, (1, T))  # for a value embedding (the one layer here has one)
         cos, sin = rope_tables(torch.arange(T), full.head_dim, full.rope_theta)
         # Past dynamo's limit of graphs per function (a process that measured many shapes) it would run the Block
         # eagerly without a word: a higher limit, and an error rather than silence
         limits = (torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True)
                   if run is not block else nullcontext())
         with autocast, limits:
-            return saved_bytes(lambda: run(x, cos, sin, None), exclude=params)
+            return saved_bytes(lambda: run(x, cos, sin, None, None, x0, idx), exclude=params)
 
     def head_bytes(T):
         h = torch.randn(T, full.d_model, dtype=x_dtype, requires_grad=True)
@@ -129,8 +131,9 @@ def predict(cfg, ranks):
     with torch.device("meta"):
         big = Transformer(ModelConfig.from_dict(cfg, attn_impl="sdpa"))
     n_params = big.num_params()
-    block_params = sum(p.numel() for p in big.layers[0].parameters())
-    root_params = n_params - block_params * cfg["n_layer"]
+    # FSDP gathers one Block at a time: the largest (value embeddings sit in every other one)
+    block_params = max(sum(p.numel() for p in layer.parameters()) for layer in big.layers)
+    root_params = n_params - sum(p.numel() for p in big.layers.parameters())
     fsdp = cfg["parallel"] == "fsdp" and ranks > 1
     shards = ranks if fsdp else 1
     per_param = bytes_per_param(cfg)

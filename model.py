@@ -55,6 +55,14 @@ class ModelConfig:
     loss_chunk_size: int = 4096     # rows of the flattened [B*T, d_model] hidden states per head+loss chunk
     logit_softcap: float = 0.0      # > 0: logits c tanh(z / c), inside the chunked head+loss (0: off; see
     #                                 Transformer.logits)
+    value_embeds: bool = False      # a token embedding per alternate layer, gated into its values (see Attention)
+    x0_mixing: bool = False         # learned per-layer scales of the stream and of the first embedding, and the
+    #                                 backout of the mid-depth stream before the head (see Block, Transformer.hidden)
+    smear: bool = False             # a gated share of the previous token's embedding in each token's (Transformer.smear)
+    window_pattern: str = "L"       # each layer's attention span, the pattern tiled over the layers: L = the whole
+    #                                 block, S = the last short_window tokens; the last layer is always L
+    short_window: int | None = None  # tokens an S layer sees, itself included; None -> block_size/4 rounded up to a
+    #                                  multiple of 128 (flex_attention's tile), at most block_size
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -67,6 +75,13 @@ class ModelConfig:
         small = [f"{k}={v}" for k, v in sizes.items() if v is not None and v < 1]  # None: the default, below
         if small:
             raise ValueError(f"{', '.join(small)}: model sizes must be >= 1")
+        if not self.window_pattern or set(self.window_pattern) - set("SL"):
+            raise ValueError(f"window_pattern={self.window_pattern!r}: a string of L (whole block) and S (short_window "
+                             f"tokens), tiled over the layers, e.g. 'SSSL'; 'L' for full attention everywhere")
+        if self.short_window is None:
+            self.short_window = min(self.block_size, 128 * math.ceil(self.block_size / 4 / 128))
+        if self.short_window < 1:
+            raise ValueError(f"short_window={self.short_window}: the tokens an S layer attends to, >= 1")
         if not self.logit_softcap >= 0:
             raise ValueError(f"logit_softcap={self.logit_softcap}: a cap c > 0 (logits c tanh(z / c)), or 0 for none")
         if self.n_kv_head is None:
@@ -94,6 +109,20 @@ class ModelConfig:
     @property
     def head_dim(self):
         return self.d_model // self.n_head
+
+    def layer_windows(self):
+        """Each layer's attention window: None for the whole block, else the number of most recent tokens (itself
+        included) a query sees. window_pattern is tiled over the layers and the last is always whole (nanochat's
+        rule: the final layer reads the whole context)."""
+        windows = [None if self.window_pattern[i % len(self.window_pattern)] == "L" or self.short_window >= self.block_size
+                   else self.short_window for i in range(self.n_layer)]
+        windows[-1] = None
+        return windows
+
+    def has_value_embed(self, layer_idx):
+        """value_embeds puts one on every other layer, counted back from the last (which always has one): nanochat's
+        placement."""
+        return self.value_embeds and layer_idx % 2 == (self.n_layer - 1) % 2
 
     @classmethod
     def from_dict(cls, cfg, **overrides):
@@ -141,15 +170,20 @@ def apply_rope(x, cos, sin):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Masks: built once per forward by Transformer.build_mask, eagerly, and shared by every layer.
-# doc_ids[b, t] numbers the documents of row b (0, 1, 2, ... along t); t may attend to s iff s <= t and both
-# tokens belong to the same document.
+# Masks: built once per forward by Transformer.build_masks, eagerly, one per window size and shared by the layers
+# that have it. doc_ids[b, t] numbers the documents of row b (0, 1, 2, ... along t); t may attend to s iff s <= t,
+# both tokens belong to the same document and, in a layer with a window w, t - s < w: a window never crosses a
+# document, since the document mask still applies inside it.
 
-def doc_causal_dense(doc_ids):
-    """[B, 1, T, T] bool, True = may attend: the mask of the eager and sdpa backends."""
-    T = doc_ids.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+def doc_causal_dense(doc_ids, T, device, window=None):
+    """[B, 1, T, T] bool (doc_ids [B, T]) or [T, T] (doc_ids None), True = may attend: the eager and sdpa mask."""
+    pos = torch.arange(T, device=device)
+    allowed = pos[None, :] <= pos[:, None]
+    if window is not None:
+        allowed &= pos[:, None] - pos[None, :] < window
+    if doc_ids is None:
+        return allowed
+    return (allowed & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
 
 
 # The GPU flex kernels, torch.compile'd once per process and shared by every layer and model. Made by
@@ -166,15 +200,18 @@ def compile_flex_kernels():
         create_block_mask_compiled = torch.compile(create_block_mask, dynamic=False)
 
 
-def doc_causal_block_mask(doc_ids, B, T, device):
-    """BlockMask for flex_attention: its block sparsity skips the (q, kv) tiles that cross documents."""
+def doc_causal_block_mask(doc_ids, B, T, device, window=None):
+    """BlockMask for flex_attention: its block sparsity skips the (q, kv) tiles that cross documents or lie
+    outside the window."""
+    def causal(q, kv):
+        return (q >= kv) if window is None else (q >= kv) & (q - kv < window)
     if doc_ids is None:
         def mask_mod(b, h, q, kv):
-            return q >= kv
+            return causal(q, kv)
         B = None  # one causal mask broadcast over the batch
     else:
         def mask_mod(b, h, q, kv):
-            return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+            return causal(q, kv) & (doc_ids[b, q] == doc_ids[b, kv])
     # device= explicitly: the default is the current accelerator, not the data's device.
     make = create_block_mask_compiled if device.type == "cuda" else create_block_mask  # eager is fine on CPU
     return make(mask_mod, B, None, T, T, device=device)
@@ -192,12 +229,16 @@ def doc_cu_seqlens(doc_ids, B, T, device):
     return F.pad(cu, (0, 1), value=B * T)
 
 
-def attended_pairs(cu_seqlens):
-    """Unmasked (query, key) pairs of document-causal attention over a batch: sum over segments of L(L+1)/2, an
-    int64 tensor on cu_seqlens' device (no sync; padding slots have L = 0). Divided by B * T^2 it is the
-    attn_fraction of Transformer.flops_per_token; train.py and the benchmarks count MFU this way."""
+def attended_pairs(cu_seqlens, window=None):
+    """Unmasked (query, key) pairs of document-causal attention over a batch: sum over segments of L(L+1)/2, or with
+    a window w, of min(t + 1, w) over a segment's positions t; an int64 tensor on cu_seqlens' device (no sync;
+    padding slots have L = 0). Transformer.attended_pairs averages it over the layers' windows: divided by B * T^2
+    that is the attn_fraction of Transformer.flops_per_token; train.py and the benchmarks count MFU this way."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return (lengths * (lengths + 1) // 2).sum()
+    if window is None:
+        return (lengths * (lengths + 1) // 2).sum()
+    w = torch.clamp(lengths, max=window)  # the ramp up to the window, then w keys for each later position
+    return (w * (w + 1) // 2 + (lengths - w) * w).sum()
 
 
 def _check_half(q):
@@ -207,7 +248,8 @@ def _check_half(q):
 
 
 def varlen_kernel():
-    """The flash_attention_2 backend's kernel, f(q, k, v [B*T, heads, hd], cu_seqlens, max_len) -> [B*T, H, hd]:
+    """The flash_attention_2 backend's kernel, f(q, k, v [B*T, heads, hd], cu_seqlens, max_len, window) -> [B*T, H, hd]
+    (window: None, or the most recent tokens a query sees, itself included: a (window - 1, 0) band):
     flash-attn's when it is installed (optional, not in requirements.txt), else torch.nn.attention.varlen (torch
     2.10 and later), which needs no extra package. Both are CUDA-only and want bf16/fp16 inputs (autocast)."""
     if not torch.cuda.is_available():
@@ -220,9 +262,11 @@ def varlen_kernel():
     except ImportError:
         flash_attn_varlen_func = None
     if flash_attn_varlen_func is not None:
-        def flash_attn_kernel(q, k, v, cu_seqlens, max_len):  # GQA: flash-attn takes fewer k/v heads as they are
+        def flash_attn_kernel(q, k, v, cu_seqlens, max_len, window=None):  # GQA: flash-attn takes fewer k/v heads
             _check_half(q)
-            return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+            band = (-1, -1) if window is None else (window - 1, 0)  # flash-attn's (-1, -1): no band, causal= applies
+            return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True,
+                                          window_size=band)
         return flash_attn_kernel
     try:
         varlen_attn = importlib.import_module("torch.nn.attention.varlen").varlen_attn
@@ -234,11 +278,16 @@ def varlen_kernel():
     # The keywords changed between releases: torch 2.10 takes is_causal=; 2.11 replaced it by window_size= (a
     # (left, right) band, (-1, 0) = causal); enable_gqa= arrived in 2.12. Read them from the signature once.
     params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    has_band = "window_size" in params
     native_gqa = "enable_gqa" in params
 
-    def torch_varlen_kernel(q, k, v, cu_seqlens, max_len):  # torch's Flash Attention 2 kernels
+    def torch_varlen_kernel(q, k, v, cu_seqlens, max_len, window=None):  # torch's Flash Attention 2 kernels
         _check_half(q)
+        if window is not None and not has_band:
+            raise RuntimeError(f"sliding-window layers (window_pattern) with attn_impl='flash_attention_2' need torch "
+                               f">= 2.11 (varlen_attn's window_size; this is torch {torch.__version__}) or the "
+                               f"flash-attn package; or use attn_impl='flex_attention'")
+        causal = {"window_size": (-1 if window is None else window - 1, 0)} if has_band else {"is_causal": True}
         gqa = {}
         if q.size(1) != k.size(1):
             if native_gqa:
@@ -268,6 +317,7 @@ class KVCache:
     def __init__(self, n_layer, max_len):
         self.k, self.v = [None] * n_layer, [None] * n_layer
         self.max_len, self.pos = max_len, 0
+        self.prev_embedding = None  # smear: the last token's embedding [B, 1, d_model], for the next step's token
 
     def update(self, layer, k, v):
         """Store k, v [B, n_kv_head, T, hd] at pos; return everything up to pos + T."""
@@ -282,10 +332,18 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Multi-head attention with RoPE, optional q/k RMSNorm and grouped-query heads, over the layer's window
+    (cfg.layer_windows). With a value embedding (cfg.has_value_embed), v += 3 sigmoid(gate(x[:12])) * E_layer[token]
+    per key/value head (ResFormer's value residual, arXiv 2410.17897, in nanochat's per-token form): a token's
+    identity reaches the values of later layers directly, for a table lookup's FLOPs. Under deepone's post-norm the
+    value path is unchanged otherwise: the embedding enters before the output projection, which DeepNet's beta
+    already scales."""
+
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.attn_impl, self.layer_idx = cfg.attn_impl, layer_idx
+        self.window = cfg.layer_windows()[layer_idx]
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -294,12 +352,21 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.varlen_fn = varlen_kernel() if cfg.attn_impl == "flash_attention_2" else None
+        self.value_embed = self.value_gate = None
+        if cfg.has_value_embed(layer_idx):
+            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.n_kv_head * cfg.head_dim)
+            # The gate reads the first 12 channels of the input (nanochat's): enough for a per-token scale, and a
+            # matrix too small to cost anything.
+            self.value_gate = nn.Linear(min(12, cfg.d_model), cfg.n_kv_head, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None):
+    def forward(self, x, cos, sin, mask, kv_cache=None, idx=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.value_embed is not None:
+            gate = 3 * torch.sigmoid(self.value_gate(x[..., :self.value_gate.in_features]))  # [B, T, kv heads], (0, 3)
+            v = v + gate.unsqueeze(-1).type_as(v) * self.value_embed(idx).view_as(v).type_as(v)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -308,14 +375,19 @@ class Attention(nn.Module):
             cu_seqlens, max_len = mask  # varlen wants [B*T, heads, hd]: the projections' own layout, no transpose
             y = self.varlen_fn(q.reshape(B * T, self.n_head, self.head_dim),
                                k.reshape(B * T, self.n_kv_head, self.head_dim),
-                               v.reshape(B * T, self.n_kv_head, self.head_dim), cu_seqlens, max_len)
+                               v.reshape(B * T, self.n_kv_head, self.head_dim), cu_seqlens, max_len, self.window)
             return self.o_proj(y.reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if kv_cache is not None:
             # generate(): one sequence per row, no documents. The prefill starts at pos 0, so is_causal is right
             # (its mask is aligned top-left); a one-token step sees the whole cache.
             k, v = kv_cache.update(self.layer_idx, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            if self.window is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            else:  # the new queries sit at the cache's last T positions
+                end = k.size(2)
+                window_mask = doc_causal_dense(None, end, q.device, self.window)[end - T:]
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask, enable_gqa=gqa)
         elif self.attn_impl == "eager":
             y = eager_attention(q, k, v, mask)
         elif self.attn_impl == "sdpa" and mask is None:
@@ -356,7 +428,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One layer. deepone is post-norm DeepNorm, x = norm(alpha * x + f(x)); llama and qwen3 are pre-norm."""
+    """One layer. deepone is post-norm DeepNorm, x = norm(alpha * x + f(x)); llama and qwen3 are pre-norm.
+    With x0_mixing the layer's input is first x = resid_scale * x + x0_scale * x0, two learned scalars per layer and
+    x0 the normalised first embedding (modded-nanogpt's and nanochat's x0 / residual lambdas): each layer can read
+    the token itself again and choose how much of the stream it keeps. Under deepone the blend comes before the
+    post-norm residual, so DeepNet's alpha multiplies the blended stream: resid_scale learns around alpha, which
+    stays the init's constant."""
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -366,20 +443,27 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.post_norm = cfg.family == "deepone"
         self.alpha = deepnet_constants(cfg.n_layer)[0] if self.post_norm else 1.0
+        self.window = self.attn.window
+        # Shape [1], not 0-d: FSDP2 shards parameters along their first dim
+        self.resid_scale = nn.Parameter(torch.ones(1)) if cfg.x0_mixing else None
+        self.x0_scale = nn.Parameter(torch.zeros(1)) if cfg.x0_mixing else None
         self.checkpointed = False  # set by Transformer.set_activation_checkpointing
 
-    def forward(self, x, cos, sin, mask, kv_cache=None):
+    def forward(self, x, cos, sin, mask, kv_cache=None, x0=None, idx=None):
+        """x [B, T, d_model]; x0 (x0_mixing) the normalised first embedding, idx [B, T] (value embeddings) the tokens."""
         if self.checkpointed and torch.is_grad_enabled() and kv_cache is None:
             # Keep only the Block's input; backward recomputes the rest. Inside forward, so that compile_layers
             # traces it and FSDP's hooks on the Block (all-gather, reshard) stay outside the recomputed region.
-            return torch.utils.checkpoint.checkpoint(self.layer, x, cos, sin, mask, use_reentrant=False)
-        return self.layer(x, cos, sin, mask, kv_cache)
+            return torch.utils.checkpoint.checkpoint(self.layer, x, cos, sin, mask, None, x0, idx, use_reentrant=False)
+        return self.layer(x, cos, sin, mask, kv_cache, x0, idx)
 
-    def layer(self, x, cos, sin, mask, kv_cache=None):
+    def layer(self, x, cos, sin, mask, kv_cache=None, x0=None, idx=None):
+        if self.resid_scale is not None:
+            x = self.resid_scale * x + self.x0_scale * x0
         if self.post_norm:
-            x = self.attn_norm(self.alpha * x + self.attn(x, cos, sin, mask, kv_cache))
+            x = self.attn_norm(self.alpha * x + self.attn(x, cos, sin, mask, kv_cache, idx))
             return self.ffn_norm(self.alpha * x + self.ffn(x))
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, idx)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -489,6 +573,11 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.loss_fn = LinearCrossEntropy(config.loss_chunk_size, config.logit_softcap)
+        # smear: x_t += smear_scale sigmoid(smear_gate(x_t[:24])) x_{t-1} (nanochat's), see smear()
+        self.smear_gate = nn.Linear(min(24, config.d_model), 1, bias=False) if config.smear else None
+        self.smear_scale = nn.Parameter(torch.zeros(1)) if config.smear else None
+        # x0_mixing's backout: the head reads x - backout_scale * (the stream after layer n_layer // 2)
+        self.backout_scale = nn.Parameter(torch.zeros(1)) if config.x0_mixing else None
         if config.attn_impl == "flex_attention":
             compile_flex_kernels()
         self.reset_parameters()
@@ -509,6 +598,7 @@ class Transformer(nn.Module):
                     nn.init.xavier_normal_(lin.weight, gain=1.0)
                 for lin in (a.v_proj, a.o_proj, *f.inputs(), f.down):
                     nn.init.xavier_normal_(lin.weight, gain=beta)
+                v_std = beta * math.sqrt(2 / (cfg.d_model + a.v_proj.out_features))  # xavier_normal's std
             else:
                 # GPT-2 practice: N(0, 0.02), with the two projections that write into the residual stream
                 # shrunk by 1/sqrt(2N) so the residual's variance does not grow with depth.
@@ -516,32 +606,84 @@ class Transformer(nn.Module):
                     nn.init.normal_(lin.weight, std=0.02)
                 for lin in (a.o_proj, f.down):
                     nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                v_std = 0.02
+            if a.value_embed is not None:
+                # The size of v itself for a unit-RMS input (v_proj's std x sqrt(d_model)), as nanochat inits its
+                # value embeddings like its value projection; the gate starts just above its midpoint, 1.5.
+                nn.init.normal_(a.value_embed.weight, std=v_std * math.sqrt(cfg.d_model))
+                nn.init.uniform_(a.value_gate.weight, 0.0, 0.02)
+            if block.resid_scale is not None:
+                # nanochat's init: more of the stream and of x0 in early layers, less in deep ones
+                depth = block.attn.layer_idx / max(cfg.n_layer - 1, 1)
+                block.resid_scale.fill_(1.15 - 0.10 * depth)
+                block.x0_scale.fill_(0.20 - 0.15 * depth)
+        if cfg.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_scale.zero_()  # off at init: the model starts as without smear and learns how much it wants
+        if cfg.x0_mixing:
+            self.backout_scale.fill_(0.2)  # nanochat's
 
-    def build_mask(self, doc_ids, B, T, device, cu_seqlens=None):
-        """The attention mask of one forward, for every layer: None (sdpa, plain causal), a bool tensor (eager,
-        sdpa), a BlockMask (flex_attention) or (cu_seqlens, max_len) (flash_attention_2)."""
+    def build_masks(self, doc_ids, B, T, device, cu_seqlens=None):
+        """The attention masks of one forward, {window: mask} for the layers' windows (None = the whole block). A mask
+        is None (sdpa, plain causal), a bool tensor (eager, sdpa), a BlockMask (flex_attention) or (cu_seqlens,
+        max_len) (flash_attention_2, whose kernel takes the window from the layer)."""
         impl = self.config.attn_impl
-        if impl == "flex_attention":
-            return doc_causal_block_mask(doc_ids, B, T, device)
         if impl == "flash_attention_2":
             if cu_seqlens is None:
                 cu_seqlens = doc_cu_seqlens(doc_ids, B, T, device)
             # max_len = T bounds every document with no .item() (a sync), and stays fixed batch after batch
-            return cu_seqlens, T
-        if doc_ids is not None:
-            return doc_causal_dense(doc_ids)
-        return torch.ones(T, T, dtype=torch.bool, device=device).tril() if impl == "eager" else None
+            return {window: (cu_seqlens, T) for window in set(self.config.layer_windows())}
+        masks = {}
+        for window in set(self.config.layer_windows()):
+            if impl == "flex_attention":
+                masks[window] = doc_causal_block_mask(doc_ids, B, T, device, window)
+            elif doc_ids is None and window is None and impl == "sdpa":
+                masks[window] = None
+            else:
+                masks[window] = doc_causal_dense(doc_ids, T, device, window)
+        return masks
 
-    def hidden(self, idx, mask, kv_cache=None):
-        """Final-norm hidden states [B, T, d_model] of tokens idx (at positions kv_cache.pos onwards, if cached)."""
-        T, pos = idx.size(1), (kv_cache.pos if kv_cache is not None else 0)
+    def smear(self, x, doc_ids=None, kv_cache=None):
+        """x_t + smear_scale sigmoid(smear_gate(x_t[:24])) x_{t-1} for token embeddings x [B, T, d_model] (nanochat's
+        smear, after modded-nanogpt): a cheap bigram feature, the previous token's identity mixed in before the first
+        layer. Never across documents (doc_ids), and in generation the cache keeps the last token's embedding."""
+        prev = x[:, :-1]
+        cached = kv_cache is not None and kv_cache.pos > 0 and kv_cache.prev_embedding is not None
+        if cached:
+            prev = torch.cat((kv_cache.prev_embedding, prev), dim=1)
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:]
+        current = x if cached else x[:, 1:]
+        gate = self.smear_scale * torch.sigmoid(self.smear_gate(current[..., :self.smear_gate.in_features]))
+        if doc_ids is not None:
+            gate = gate * (doc_ids[:, 1:] == doc_ids[:, :-1]).unsqueeze(-1)
+        mixed = current + gate.type_as(x) * prev
+        return mixed if cached else torch.cat((x[:, :1], mixed), dim=1)
+
+    def hidden(self, idx, doc_ids=None, cu_seqlens=None, kv_cache=None):
+        """Final-norm hidden states [B, T, d_model] of tokens idx: packed documents (doc_ids, cu_seqlens as forward
+        takes them), or positions kv_cache.pos onwards of one sequence per row with a KV cache."""
+        B, T = idx.shape
+        pos = kv_cache.pos if kv_cache is not None else 0
+        masks = self.build_masks(doc_ids, B, T, idx.device, cu_seqlens) if kv_cache is None else {}
         cos, sin = rope_tables(torch.arange(pos, pos + T, device=idx.device), self.config.head_dim,
                                self.config.rope_theta)
         x = self.tok_emb(idx)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, kv_cache)
+        if self.smear_gate is not None:
+            x = self.smear(x, doc_ids, kv_cache)
+        x0 = F.rms_norm(x, (x.size(-1),), eps=self.config.norm_eps) if self.config.x0_mixing else None
+        backout_layer, x_mid = self.config.n_layer // 2, None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks.get(layer.window), kv_cache, x0, idx)
+            if i == backout_layer:
+                x_mid = x
         if kv_cache is not None:
             kv_cache.pos += T
+        if self.backout_scale is not None and x_mid is not None:
+            # Backout (nanochat's): take a learned share of the mid-depth stream out before the head, whose low-level
+            # features help the later layers but not the prediction. Under deepone the stream after every layer is
+            # post-normed, so the share is of a unit-RMS stream, at any depth.
+            x = x - self.backout_scale * x_mid
         return self.norm(x)
 
     def forward(self, idx, targets=None, doc_ids=None, cu_seqlens=None, per_token=False):
@@ -557,7 +699,7 @@ class Transformer(nn.Module):
         if self.config.attn_impl == "flex_attention" and idx.device.type == "cpu" and torch.is_grad_enabled():
             raise RuntimeError("attn_impl='flex_attention' cannot train on CPU: torch's flex_attention has no CPU "
                                "backward. Use attn_impl='sdpa' on CPU (flex runs on CPU under torch.no_grad()).")
-        h = self.hidden(idx, self.build_mask(doc_ids, B, T, idx.device, cu_seqlens))
+        h = self.hidden(idx, doc_ids, cu_seqlens)
         with torch.profiler.record_function("head+loss"):  # a named range: a profile shows the head apart
             if targets is None:
                 return self.logits(h), None
@@ -609,13 +751,20 @@ class Transformer(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
+    def attended_pairs(self, cu_seqlens):
+        """attended_pairs of the batch cu_seqlens describes, averaged over the layers' windows (a float tensor, no
+        sync): the pairs flops_per_token's attn_fraction counts, times B * T^2."""
+        windows = self.config.layer_windows()
+        return sum(attended_pairs(cu_seqlens, w) for w in windows) / len(windows)
+
     def flops_per_token(self, T, attn_fraction=0.5):
         """Training FLOPs (forward + backward) per token at sequence length T, for MFU:
             6 * (body params + vocab * d_model) + 12 * n_layer * d_model * T * attn_fraction
         6 = 2 FLOPs per multiply-add forward + 4 backward (PaLM, arXiv 2204.02311 App. B), over every matmul
         weight, the head included even when tied (the input embedding is a lookup). The second term is QK^T and
         AV over the attended part of the T x T scores: attn_fraction = 0.5 for causal, sum(doc_len^2) / (2 T^2)
-        for packed documents if kernels skip the masked blocks (flex, flash)."""
+        for packed documents if kernels skip the masked blocks (flex, flash), and with sliding-window layers the
+        mean over the layers (self.attended_pairs / (B T^2))."""
         cfg = self.config
         matmul_params = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
         return 6 * matmul_params + 12 * cfg.n_layer * cfg.d_model * T * attn_fraction
@@ -636,7 +785,7 @@ class Transformer(nn.Module):
                     tokens = idx[:, -bs:]
                 else:
                     tokens = idx[:, -1:]
-                logits = self.logits(self.hidden(tokens, None, cache)[:, -1])
+                logits = self.logits(self.hidden(tokens, kv_cache=cache)[:, -1])
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:

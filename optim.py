@@ -568,11 +568,12 @@ def check_settings(lr, min_lr, lr_scale, betas, muon_lr=0.0, name="adamw", shard
 
 def param_groups(model, weight_decay, muon=False):
     """The parameter groups, as [(name, {"params", "weight_decay", "muon"})]: weight decay on matrices only (every >= 2-D
-    weight, embedding and head included, as in nanoGPT), none on norm gains. With muon=True the Blocks' 2-D weights
-    (attention q/k/v/o, feed-forward) form a Muon group of their own; the embedding and head stay with AdamW, whose
-    per-element steps suit their sparse, per-token gradients (as in nanochat and modded-nanogpt)."""
+    weight, embedding and head included, as in nanoGPT), none on norm gains and scalars. With muon=True the weights of
+    the Blocks' linear layers (attention q/k/v/o, feed-forward, value-embedding gates) form a Muon group of their own;
+    the embeddings (the token's and the layers' value embeddings) and head stay with AdamW, whose per-element steps
+    suit their sparse, per-token gradients (as in nanochat and modded-nanogpt), as do the scalars."""
     params = [p for p in model.parameters() if p.requires_grad]
-    in_blocks = {id(p) for p in model.layers.parameters()}
+    in_blocks = {id(m.weight) for m in model.layers.modules() if isinstance(m, torch.nn.Linear)}
     matrices = [p for p in params if p.dim() >= 2 and not (muon and id(p) in in_blocks)]
     groups = [("adamw, decayed", {"params": matrices, "weight_decay": weight_decay, "muon": False}),
               ("adamw, not decayed", {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,

@@ -63,6 +63,11 @@ attn_impl = "auto"  # 'auto' (flex_attention on CUDA, sdpa on CPU) | 'eager' | '
 #                     | 'flash_attention_2'
 loss_chunk_size = 4096  # rows of hidden states per chunk of the fused head + cross-entropy
 logit_softcap = 0.0  # > 0: logits capped to c tanh(z / c) (Gemma 2; nanochat 15); 0: off
+value_embeds = False  # a token embedding per alternate layer, gated into its attention values (nanochat's)
+x0_mixing = False  # learned per-layer scales of the stream and of the normalised first embedding, and the backout
+smear = False  # a learned, gated share of the previous token's embedding in each token's
+window_pattern = "L"  # per-layer attention span, tiled over the layers: L = whole block, S = short_window (e.g. 'SSSL')
+short_window = None  # tokens an S layer sees; None = block_size/4 rounded up to a multiple of 128
 # optimizer
 optimizer = "muon"  # 'muon' (optim.Muon on the Blocks' weight matrices, AdamW with lr on embedding, head, gains;
 #                     the measured best, dev/LOG.md "Recipe") | 'adamw' (torch's, fused on CUDA; optim.AdamW for bf16

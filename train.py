@@ -54,7 +54,7 @@ import settings
 from configurator import configure
 from data import DataError, PackedLoader, check_vocab, count_tokens, count_val_batches, describe_mixture
 from data import parse_mixture, read_meta, to_device
-from model import ModelConfig, Transformer, attended_pairs
+from model import ModelConfig, Transformer
 from parallel import full_state_dict, full_tensor, load_optimizer_state, local, set_gradient_sync
 from parallel import wrap as parallel_wrap
 from machine import check_float8, gpu_peak_tflops, is_out_of_memory, peak_memory_gib, resolve
@@ -569,7 +569,7 @@ def forward_backward():
                 _, loss = ddp_model(x, y, doc_ids, cu_seqlens)
             (loss / grad_accum).backward()
         loss_sum += loss.detach().float() / grad_accum
-        attended_sum.add_(attended_pairs(cu_seqlens))  # for MFU: the real documents' attention, on the device
+        attended_sum.add_(model.attended_pairs(cu_seqlens))  # for MFU: the real documents' attention, on the device
     return loss_sum, batches
 
 
@@ -731,7 +731,7 @@ run_start = time.time()
 steps_this_run, epoch_seen = 0, None
 interval_steps, interval_start = 0, time.time()  # for tokens/s and MFU: training time only, not eval or checkpoints
 first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # on the device: tracked without a sync
-attended_sum = torch.zeros((), dtype=torch.long, device=device)  # attended pairs of this interval's batches, likewise
+attended_sum = torch.zeros((), dtype=torch.float64, device=device)  # attended pairs of this interval's batches, likewise
 # No host-device sync between log points: the CPU runs ahead of the GPU, so the next batch is read, pinned and
 # copied (non_blocking) while the current step's kernels run. Loss, health and grad norm are read only at log,
 # eval and save points.

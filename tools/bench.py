@@ -36,7 +36,7 @@ import optim
 import settings
 from configurator import configure
 from data import cu_seqlens_of
-from model import ATTN_IMPLS, ModelConfig, Transformer, attended_pairs, recompute_interval, varlen_kernel
+from model import ATTN_IMPLS, ModelConfig, Transformer, recompute_interval, varlen_kernel
 from machine import check_float8, default_attn_impl, gpu_peak_tflops, is_out_of_memory, peak_memory_gib, resolve
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: the core and config/
@@ -101,12 +101,6 @@ def data_batch(cfg, device):
         raise SystemExit(f"bench.py: {e}") from None
     loader = PackedLoader(cfg["data_dir"], "train", cfg["block_size"], cfg["batch_size"], seed=cfg["seed"])
     return tuple(t.to(device) for t in loader.next_batch())
-
-
-def attended_fraction(cu_seqlens, B, T):
-    """Unmasked share of the B x T x T scores of document-causal attention (model.attended_pairs / B T^2):
-    the same count train.py logs MFU with."""
-    return attended_pairs(cu_seqlens).item() / (B * T * T)
 
 
 def batch_text(cfg):
@@ -179,8 +173,9 @@ def bench_train(cfg):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         seconds = time_steps(step, sync, cfg["steps"])
-        # MFU counts only the attended part of the scores: sparse kernels (flex, flash) skip the rest
-        frac = attended_fraction(cu_seqlens, cfg["batch_size"], cfg["block_size"])
+        # MFU counts only the attended part of the scores (sparse kernels, flex and flash, skip the rest), as
+        # train.py does
+        frac = model.attended_pairs(cu_seqlens).item() / (cfg["batch_size"] * cfg["block_size"] ** 2)
         flops_per_token = model.flops_per_token(cfg["block_size"], attn_fraction=frac)
         records.append({"what": "train", "attn_impl": model.config.attn_impl, "optimizer": name,
                         "lean_loss": cfg["lean_loss"], "params_M": round(model.num_params() / 1e6, 2),
