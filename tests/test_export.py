@@ -25,7 +25,8 @@ FAMILIES = {  # each a different export path: Llama class, Qwen3 class (tied, ro
     "llama": ["--family=llama", "--n_kv_head=2"],
     "qwen3": ["--family=qwen3", "--n_kv_head=2", "--tie_embeddings=True", "--rope_theta=500000.0"],
     "deepone": ["--family=deepone", "--eval_interval=3", "--eval_iters=1", "--sample_interval=3",
-                "--logit_softcap=2.0", "--ffn=relu2"],  # options transformers lacks: exported through model.py
+                "--logit_softcap=2.0", "--ffn=relu2", "--value_embeds=True", "--x0_mixing=True", "--smear=True",
+                "--window_pattern=SL", "--short_window=8"],  # options transformers lacks: exported through model.py
 }
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=4", "--d_model=32", "--block_size=64", "--batch_size=2",
         "--compile=False", "--dtype=float32", "--max_steps=3", "--train_tokens=4096", "--warmup_tokens=128",

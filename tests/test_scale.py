@@ -193,9 +193,11 @@ def test_adafactor_lr_is_an_absolute_step():
 # -----------------------------------------------------------------------------
 # train.py: FSDP and bf16 weights resume exactly; checkpoints cross modes; refusals
 
-# AdamW here (its checkpoint layout is checked below); Muon under FSDP: tests/test_recipe.py
+# AdamW here (its checkpoint layout is checked below); Muon under FSDP: tests/test_recipe.py. Every per-token model
+# option is on: its parameters shard (the [1]-shaped scalars too), checkpoint, compile and resume with the rest.
 FSDP = TINY + ["--batch_size=2", "--grad_accum=2", "--train_tokens=3072", "--warmup_tokens=1024", "--eval_interval=0",
-               "--save_interval=100", "--parallel=fsdp", "--activation_checkpointing=all", "--optimizer=adamw"]
+               "--save_interval=100", "--parallel=fsdp", "--activation_checkpointing=all", "--optimizer=adamw",
+               "--value_embeds=True", "--x0_mixing=True", "--smear=True", "--window_pattern=SL", "--short_window=16"]
 
 
 def test_fsdp_resumes_exactly_and_its_checkpoints_load_under_ddp_and_one_rank(prepared_data, tmp_path):

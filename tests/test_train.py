@@ -154,8 +154,10 @@ def test_grad_accumulation_equals_the_larger_batch(base2, prepared_data, tmp_pat
 
 def test_exact_resume_with_one_rank(prepared_data, tmp_path):
     # (eval_iters=1000 asks for more val batches than the val shards hold: capped at one pass, with a warning)
+    # every per-token model option on: their parameters must resume exactly, in the right optimizer groups
     args = TINY + ["--batch_size=2", "--train_tokens=768", "--eval_interval=0", "--save_interval=100",
-                   "--eval_iters=1000"]
+                   "--eval_iters=1000", "--value_embeds=True", "--x0_mixing=True", "--smear=True",
+                   "--window_pattern=SL", "--short_window=16"]
     proc = train(tmp_path / "a", prepared_data, *args)
     for subset in ("cosmopedia-v2", "fineweb-edu-dedup"):
         share = read_meta(prepared_data)["subsets"][subset]["val"]["tokens"]
@@ -184,6 +186,10 @@ def test_exact_resume_with_one_rank(prepared_data, tmp_path):
     # Muon's 3 groups: the Blocks' matrices and the gains are never decayed, the embedding and head are
     assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.0, (0.8, 0.99)), (0.05, (0.8, 0.99)),
                                                                         (0.0, (0.8, 0.99))]
+    # 2 layers x 7 matrices + the last layer's value gate | token embedding, head, the last layer's value
+    # embedding, smear's gate | 2 x 4 norm gains (attn, q, k, ffn), 2 x (resid_scale, x0_scale), backout_scale,
+    # smear_scale, the final norm
+    assert [len(g["params"]) for g in groups] == [15, 4, 15]
     c = records(tmp_path / "c")
     assert c[2]["loss"] == a[2]["loss"] and c[6]["loss"] != a[6]["loss"]
 

@@ -91,6 +91,8 @@ def pick_architecture(config, target):
     defaults = ModelConfig(family=config.family)
     unmapped = sorted(f.name for f in dataclasses.fields(ModelConfig)
                       if f.name not in NATIVE_MAPPED and getattr(config, f.name) != getattr(defaults, f.name))
+    if not any(config.layer_windows()):  # short_window follows block_size, and without S layers it changes nothing
+        unmapped = [name for name in unmapped if name != "short_window"]
     native = None
     if config.family in ("llama", "qwen3") and not unmapped:
         native = "qwen3" if config.qk_norm else "llama"
