@@ -19,6 +19,11 @@ Packed rows: a token attends only to earlier tokens of its own document, under e
 varlen kernel, or torch's own torch.nn.attention.varlen when flash-attn is not installed). The mask is built once
 per forward, outside compiled code, and handed to every layer. With targets the loss comes from a
 chunked head + cross-entropy that never holds fp32 logits for the whole batch. Presets live in config/*.py.
+
+Per-token options, each a ModelConfig field, off by default (measured one by one in dev/LOG.md; none has yet won
+by enough to be switched on): value_embeds, x0_mixing (with the backout before the head), smear, logit_softcap,
+ffn='relu2', and window_pattern / short_window (sliding-window layers, composed with the document mask). Each works
+under every attn_impl, the KV cache, compile, FSDP2, activation checkpointing and the HF export.
 """
 import importlib
 import inspect
@@ -743,10 +748,12 @@ class Transformer(nn.Module):
 
     def num_params(self, non_embedding=False):
         """Parameters, a tied matrix counted once. non_embedding=True counts the body only: no token
-        embedding and no output head."""
+        embedding, no value embeddings (lookups too, no matmul) and no output head."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
+            n -= sum(block.attn.value_embed.weight.numel() for block in self.layers
+                     if block.attn.value_embed is not None)
             if not self.config.tie_embeddings:
                 n -= self.lm_head.weight.numel()
         return n

@@ -72,6 +72,9 @@ def test_value_embeds_shapes_count_and_init(family):
     with_embed = [i for i, layer in enumerate(model.layers) if layer.attn.value_embed is not None]
     assert with_embed == [0, 2, 4]  # every other layer, counted back from the last
     assert model.num_params() - plain.num_params() == 3 * (4096 * kv_dim + 2 * 12)
+    # the value embeddings are lookups: MFU's FLOPs count only their gates' matmuls
+    assert model.num_params(non_embedding=True) - plain.num_params(non_embedding=True) == 3 * 2 * 12
+    assert model.flops_per_token(256) - plain.flops_per_token(256) == 6 * 3 * 2 * 12
     assert all(model.layers[i].attn.value_gate is None for i in (1, 3))
     v_proj = model.layers[0].attn.v_proj.weight
     for i in with_embed:
