@@ -227,9 +227,10 @@ def check_resumable(ckpt, path, model_config, cfg, world_size, weights_only=Fals
     ckpt (read from path), or, with weights_only, cannot start from its weights."""
     wanted = dataclasses.asdict(model_config)
     # Runtime choices that leave the weights' shapes and meaning alone: the attention kernel, the head+loss chunking,
-    # and block_size (every family uses RoPE: no learned position table, positions are computed for any length).
+    # and the attention spans, block_size and short_window (which follows block_size by default): every family uses
+    # RoPE, no learned position table, positions are computed for any length.
     differ = [f"{k}: checkpoint {v!r}, this run {wanted.get(k)!r}" for k, v in ckpt["model_config"].items()
-              if k not in ("attn_impl", "loss_chunk_size", "block_size") and wanted.get(k) != v]
+              if k not in ("attn_impl", "loss_chunk_size", "block_size", "short_window") and wanted.get(k) != v]
     if differ:
         raise CheckpointError(
             f"checkpoint {path} holds a different model:\n  " + "\n  ".join(differ) + "\n"

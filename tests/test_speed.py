@@ -46,15 +46,17 @@ def packed_batch(B=2, T=128, seed=0):
     return idx, doc, torch.from_numpy(cu_seqlens_of(doc.numpy()))
 
 
-def reference_varlen(q, k, v, cu_seqlens, max_len):
-    """What a varlen kernel computes, one segment at a time with sdpa: causal attention within each segment of
-    the flattened [N, heads, hd] tokens; empty (padding) segments are skipped."""
+def reference_varlen(q, k, v, cu_seqlens, max_len, window=None):
+    """What a varlen kernel computes, one segment at a time with sdpa: causal attention (over the last `window`
+    tokens, if given) within each segment of the flattened [N, heads, hd] tokens; empty (padding) segments are
+    skipped."""
     rep = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     bounds = cu_seqlens.tolist()
     assert bounds[-1] == q.size(0) and max(b - a for a, b in zip(bounds, bounds[1:])) <= max_len
-    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True).transpose(0, 1)
-            for a, b in zip(bounds, bounds[1:]) if b > a]
+    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)),
+                                           attn_mask=model_module.doc_causal_dense(None, b - a, q.device, window))
+            .transpose(0, 1) for a, b in zip(bounds, bounds[1:]) if b > a]
     return torch.cat(outs)
 
 
