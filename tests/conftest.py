@@ -139,3 +139,17 @@ def fake_hub(tmp_path):
     yield tmp_path / "hub", env
     FakeHub.hold_when = None
     server.shutdown()
+
+
+def packed(B=2, T=256, seed=0, vocab=256):
+    """Tokens and doc_ids [B, T] of packed rows for the model tests. Row 0 has document boundaries at 50, 128 and 200
+    for T = 256, in proportion for other T (T/2 is on a flex block edge at T = 256, so one whole block is
+    cross-document there); the other rows have four at random places."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab, (B, T), generator=g)
+    doc = torch.zeros(B, T, dtype=torch.long)
+    for c in (T * 50 // 256, T // 2, T * 200 // 256):
+        doc[0, c:] += 1
+    for c in (torch.randperm(T - 1, generator=g)[:4] + 1).tolist():
+        doc[1:, c:] += 1
+    return idx, doc

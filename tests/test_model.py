@@ -19,7 +19,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import optim  # noqa: E402
-from conftest import cuda_only  # noqa: E402
+from conftest import cuda_only, packed  # noqa: E402
 from data import cu_seqlens_of  # noqa: E402
 from model import (ModelConfig, Transformer, LinearCrossEntropy, deepnet_constants, doc_cu_seqlens,  # noqa: E402
                    doc_causal_block_mask)
@@ -39,19 +39,6 @@ def tiny(family="deepone", attn_impl="sdpa", **overrides):
     kw.update(overrides)
     torch.manual_seed(0)
     return Transformer(ModelConfig(**kw))
-
-
-def packed(B=2, T=256, seed=0):
-    """Tokens and doc_ids of packed rows. Row 0 has a document boundary at 128, on a flex block edge, so one whole
-    block is cross-document; row 1 has boundaries at random places."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, V, (B, T), generator=g)
-    doc = torch.zeros(B, T, dtype=torch.long)
-    for c in (50, 128, 200):
-        doc[0, c:] += 1
-    for c in (torch.randperm(T - 1, generator=g)[:4] + 1).tolist():
-        doc[1:, c:] += 1
-    return idx, doc
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import optim  # noqa: E402
+from conftest import packed  # noqa: E402
 from data import cu_seqlens_of  # noqa: E402
 from model import ModelConfig, Transformer, attended_pairs, doc_causal_dense, rope_tables  # noqa: E402
 
@@ -45,18 +46,6 @@ def tiny(family="deepone", attn_impl="eager", **overrides):
             if name.endswith(("_scale", "value_gate.weight", "smear_gate.weight")):
                 p.add_(torch.rand(p.shape) * 0.5)
     return model
-
-
-def packed(B=2, T=128, seed=0):
-    """Tokens and doc_ids of packed rows: row 0 has documents starting at 20, 64 and 100, row 1 at random places."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, V, (B, T), generator=g)
-    doc = torch.zeros(B, T, dtype=torch.long)
-    for c in (20, 64, 100):
-        doc[0, c:] += 1
-    for c in (torch.randperm(T - 1, generator=g)[:3] + 1).tolist():
-        doc[1:, c:] += 1
-    return idx, doc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,7 +90,7 @@ def test_x0_mixing_and_smear_shapes_count_and_init():
 
 def test_smear_starts_as_the_identity():
     """smear_scale 0 at init: the same weights give the same logits with and without smear."""
-    idx, doc = packed()
+    idx, doc = packed(T=128)
     plain = Transformer(ModelConfig(vocab_size=V, n_layer=2, n_head=4, d_model=64, block_size=128))
     smeared = Transformer(ModelConfig(vocab_size=V, n_layer=2, n_head=4, d_model=64, block_size=128, smear=True))
     missing, unexpected = smeared.load_state_dict(plain.state_dict(), strict=False)
@@ -128,7 +117,7 @@ def test_window_pattern_and_short_window():
 
 def test_attended_pairs_counts_windowed_attention():
     """attended_pairs with a window equals a count of the mask's True entries; the model's averages its layers."""
-    _, doc = packed()
+    _, doc = packed(T=128)
     cu = torch.from_numpy(cu_seqlens_of(doc.numpy()))
     for window in (None, 1, 12, 50, 500):
         assert attended_pairs(cu, window).item() == doc_causal_dense(doc, 128, "cpu", window).sum().item()
@@ -143,7 +132,7 @@ def test_attended_pairs_counts_windowed_attention():
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("family", ["deepone", "llama"])
 def test_backends_match_eager_under_each_option(option, family):
-    idx, doc = packed()
+    idx, doc = packed(T=128)
     ref = tiny(family, "eager", **OPTIONS[option])
     with torch.no_grad():
         for impl in ("sdpa", "flex_attention"):
@@ -171,9 +160,9 @@ def test_sdpa_backward_matches_eager_under_each_option(option):
 def test_documents_stay_isolated_under_each_option(option, attn_impl):
     """Changing one document's tokens leaves every other document's logits unchanged: no window, smear or value
     embedding carries anything across a document boundary."""
-    idx, doc = packed()
+    idx, doc = packed(T=128)
     model = tiny("deepone", attn_impl, **OPTIONS[option])
-    in_doc = doc[0] == 1  # row 0, tokens 20..63
+    in_doc = doc[0] == 1  # row 0, tokens 25..63: a document with others on both sides
     perturbed = idx.clone()
     perturbed[0, in_doc] = (idx[0, in_doc] + 1) % V
     with torch.no_grad():
@@ -191,11 +180,11 @@ def test_a_window_layer_sees_exactly_its_last_tokens(attn_impl):
     model = tiny("llama", attn_impl, window_pattern="S", short_window=w)
     attn = model.layers[0].attn
     assert attn.window == w
-    _, doc = packed()
+    _, doc = packed(T=128)
     x = torch.randn(2, 128, 64)
     cos, sin = rope_tables(torch.arange(128), 16, 10000.0)
     masks = model.build_masks(doc, 2, 128, x.device)
-    for p in (5, 30, 70):  # row 0: document 1 spans 20..63, so 30 + 12 stays inside it
+    for p in (5, 30, 70):  # row 0: document 1 spans 25..63, so 30 + 12 stays inside it
         y = x.clone()
         y[:, p] += 1.0
         with torch.no_grad():
@@ -228,7 +217,7 @@ def test_flash_attention_2_passes_each_layer_its_window(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     monkeypatch.setattr(varlen, "varlen_attn", _varlen_stand_in)
-    idx, doc = packed()
+    idx, doc = packed(T=128)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, want = tiny("llama", "sdpa", **OPTIONS["all"])(idx, idx, doc_ids=doc)
         _, got = tiny("llama", "flash_attention_2", **OPTIONS["all"])(idx, idx, doc_ids=doc)
